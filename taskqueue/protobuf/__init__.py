@@ -1,0 +1,1 @@
+"""Generated protocol modules; regenerate with ``python scripts/genproto.py``."""

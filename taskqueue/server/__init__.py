@@ -1,0 +1,1 @@
+"""taskqueue's service: the rpc handler and the workers (``taskqueue[server]``)."""

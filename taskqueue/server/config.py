@@ -1,0 +1,148 @@
+"""Configuration: ``config.yaml`` with named sections, chosen as ``FILE@SECTION``.
+
+The file is decoded into immutable msgspec structs; an unknown or mistyped key
+stops start-up with a message naming the key, the section and the file.
+"""
+
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+
+from taskqueue.server.errors import ConfigError
+from taskqueue.server.ladder import parse_delay_s
+
+DEFAULT_LOCATION = "config.yaml@dev"
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+Count = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class KafkaConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "taskqueue"
+    # Partitions and replication of the topics taskqueue creates.
+    partitions: Count = 4
+    replication_factor: Count = 1
+    request_timeout_s: Positive = 10.0
+    # How soon a worker notices a queue created after it started.
+    metadata_max_age_s: Positive = 3.0
+
+
+class TopicsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Topics are named PREFIX.<authority>.<queue>[.<tier>].
+    prefix: str = "taskqueue"
+    # Delays of the tier topics that hold retries and scheduled tasks.
+    tiers: list[str] = msgspec.field(
+        default_factory=lambda: ["5s", "1m", "10m", "1h", "8h", "2d", "14d"]
+    )
+    # Records stay on a tier this long after they are due, so that a worker
+    # outage shorter than this loses nothing.
+    tier_grace_s: Positive = 7 * 86400.0
+    dlq_retention_s: Positive = 30 * 86400.0
+
+
+class RetryConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Total calls, the first one included.
+    max_attempts: Count = 10
+    # Delays before the 2nd, 3rd... attempt; the last repeats.
+    backoff_s: list[Positive] = msgspec.field(default_factory=lambda: [5.0, 60.0])
+    max_age_s: Positive | None = None
+    # Status names that are retried; everything else is dead-lettered at once.
+    retryable: list[str] = msgspec.field(
+        default_factory=lambda: [
+            "UNAVAILABLE",
+            "DEADLINE_EXCEEDED",
+            "RESOURCE_EXHAUSTED",
+            "ABORTED",
+            "INTERNAL",
+            "UNKNOWN",
+            "CANCELLED",
+        ]
+    )
+
+
+class QueueConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    deadline_s: Positive = 30.0
+    retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+
+
+class RpcConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 50051
+    # Longest wait for Kafka's acknowledgement of an `add`.
+    add_timeout_s: Positive = 10.0
+    # Largest request message accepted, in bytes.
+    max_message_bytes: Count = 1_000_000
+
+
+class WorkerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    group_prefix: str = "taskqueue"
+    # Calls in flight at once.
+    concurrency: Count = 100
+    # Records taken from Kafka and not finished yet (calls, timers, writes).
+    max_pending: Count = 1000
+    max_poll_interval_s: Positive = 300.0
+    commit_interval_s: Positive = 0.2
+    shutdown_grace_s: Positive = 30.0
+    # Open channels to targets; the least recently used is closed beyond it.
+    channel_cache_size: Count = 64
+
+
+class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
+    topics: TopicsConfig = msgspec.field(default_factory=TopicsConfig)
+    rpc: RpcConfig = msgspec.field(default_factory=RpcConfig)
+    worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
+    # Policy of queues not named in `queues`.
+    queue_defaults: QueueConfig = msgspec.field(default_factory=QueueConfig)
+    queues: dict[str, QueueConfig] = msgspec.field(default_factory=dict)
+    # host:port patterns (fnmatch) that may be called; nothing when empty.
+    allow: list[str] = msgspec.field(default_factory=list)
+
+    def queue(self, name: str) -> QueueConfig:
+        return self.queues.get(name, self.queue_defaults)
+
+
+def load(location: str = DEFAULT_LOCATION) -> Config:
+    """Load ``FILE@SECTION`` (the section defaults to ``dev``)."""
+    path_text, _, section = location.partition("@")
+    section = section or "dev"
+    path = Path(path_text)
+
+    try:
+        sections = msgspec.yaml.decode(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+
+    if not isinstance(sections, dict) or section not in sections:
+        raise ConfigError(f"{path} has no section {section!r}")
+    return from_dict(sections[section] or {}, origin=f"{path}@{section}")
+
+
+def from_dict(data: object, origin: str = "<config>") -> Config:
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+    _check(config, origin)
+    return config
+
+
+def _check(config: Config, origin: str) -> None:
+    for tier in config.topics.tiers:
+        parse_delay_s(tier, origin)
+    if config.worker.max_pending < config.worker.concurrency:
+        raise ConfigError(f"{origin}: worker.max_pending is below worker.concurrency")
+    deadlines = [config.queue_defaults.deadline_s]
+    deadlines += [q.deadline_s for q in config.queues.values()]
+    if max(deadlines) >= config.worker.max_poll_interval_s:
+        raise ConfigError(
+            f"{origin}: a queue's deadline_s is not below worker.max_poll_interval_s"
+        )

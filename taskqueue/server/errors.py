@@ -1,0 +1,49 @@
+"""The exceptions of taskqueue's server side.
+
+All derive from :class:`TaskQueueError`; each class names the gRPC status a
+caller of ``add`` receives for it. The rpc handler turns them into statuses in
+one place (``rpc.py``) and logs each once there.
+
+    TaskQueueError
+    ├── ConfigError          bad configuration; start-up stops
+    ├── InvalidTask          a Task field is wrong        -> INVALID_ARGUMENT
+    ├── AuthorityNotAllowed  the operator did not allow it -> PERMISSION_DENIED
+    ├── BrokerUnavailable    Kafka did not acknowledge     -> UNAVAILABLE
+    └── BadRecord            a Kafka record we cannot read (dead-lettered)
+"""
+
+from grpclib.const import Status
+
+
+class TaskQueueError(Exception):
+    """Base of every error raised by taskqueue's server side."""
+
+    status = Status.INTERNAL
+
+
+class ConfigError(TaskQueueError):
+    """The configuration is invalid; the message names the key and the file."""
+
+    status = Status.FAILED_PRECONDITION
+
+
+class InvalidTask(TaskQueueError):
+    """A Task sent to ``add`` is invalid; the message names the field."""
+
+    status = Status.INVALID_ARGUMENT
+
+
+class AuthorityNotAllowed(TaskQueueError):
+    """The task's authority (or method) is not on the operator's allowlist."""
+
+    status = Status.PERMISSION_DENIED
+
+
+class BrokerUnavailable(TaskQueueError):
+    """Kafka did not acknowledge a write in time."""
+
+    status = Status.UNAVAILABLE
+
+
+class BadRecord(TaskQueueError):
+    """A record read from Kafka is not a task record; it goes to the DLQ."""

@@ -1,0 +1,121 @@
+"""Writing task records to Kafka, and creating the topics they go to.
+
+Topics are created explicitly (not left to the broker's auto-creation) so that
+each kind gets its partitions and retention: a tier topic keeps records at
+least its delay plus a grace period, whatever the broker's default retention.
+"""
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+
+from taskqueue.server.config import Config
+from taskqueue.server.errors import BrokerUnavailable
+from taskqueue.server.ladder import Ladder
+from taskqueue.server.record import Headers
+from taskqueue.server.topics import DLQ, tier_of
+
+log = logging.getLogger(__name__)
+
+TOPIC_ALREADY_EXISTS = 36
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    topic: str
+    partition: int
+    offset: int
+
+
+class KafkaWriter:
+    """An idempotent, acks=all producer plus topic creation on first use."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._ladder = Ladder(config.topics.tiers)
+        common: dict[str, Any] = {
+            "bootstrap_servers": config.kafka.bootstrap_servers,
+            "client_id": config.kafka.client_id,
+            "request_timeout_ms": int(config.kafka.request_timeout_s * 1000),
+        }
+        self._producer = AIOKafkaProducer(
+            **common,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=2,
+            max_request_size=config.rpc.max_message_bytes + 64 * 1024,
+        )
+        self._admin = AIOKafkaAdminClient(**common)
+        self._known: set[str] = set()
+        self._creating: dict[str, asyncio.Future[None]] = {}
+        self._started = False
+
+    async def start(self) -> None:
+        if self._started:
+            raise RuntimeError("KafkaWriter already started")
+        self._started = True
+        await self._producer.start()
+        await self._admin.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+        await self._admin.close()
+
+    async def write(
+        self,
+        topic: str,
+        *,
+        key: bytes,
+        value: bytes,
+        headers: Headers,
+        timestamp_ms: int,
+    ) -> Written:
+        """Write one record and wait until Kafka acknowledged it."""
+        try:
+            await self.ensure_topic(topic)
+            sent = await self._producer.send(
+                topic, value, key=key, headers=headers, timestamp_ms=timestamp_ms
+            )
+            meta = await sent
+        except KafkaError as exc:
+            raise BrokerUnavailable(f"Kafka did not take the write: {exc}") from exc
+        return Written(meta.topic, meta.partition, meta.offset)
+
+    async def ensure_topic(self, topic: str) -> None:
+        if topic in self._known:
+            return
+        pending = self._creating.get(topic)
+        if pending is None:
+            pending = asyncio.ensure_future(self._create(topic))
+            self._creating[topic] = pending
+            pending.add_done_callback(lambda _: self._creating.pop(topic, None))
+        await asyncio.shield(pending)
+        self._known.add(topic)
+
+    async def _create(self, topic: str) -> None:
+        new = NewTopic(
+            topic,
+            self._config.kafka.partitions,
+            self._config.kafka.replication_factor,
+            topic_configs=self._topic_configs(topic),
+        )
+        response = await self._admin.create_topics([new])
+        for name, code, *message in response.topic_errors:
+            if code not in (0, TOPIC_ALREADY_EXISTS):
+                raise BrokerUnavailable(f"cannot create topic {name}: {code} {message}")
+        log.info("topic %s is ready", topic)
+
+    def _topic_configs(self, topic: str) -> dict[str, str]:
+        tier = tier_of(topic)
+        if tier is None:
+            return {}
+        if tier == DLQ:
+            retention_s = self._config.topics.dlq_retention_s
+        else:
+            retention_s = self._ladder.delay_s(tier) + self._config.topics.tier_grace_s
+        return {"retention.ms": str(int(retention_s * 1000))}

@@ -1,0 +1,273 @@
+"""What happens to one task record taken from Kafka.
+
+Decode it; if it is due later, route it onward on the ladder or wait for it
+with a timer; make the call; on failure retry (in place when the next attempt
+is closer than the smallest tier, else through a tier topic) or dead-letter
+it. The caller (the worker) marks the record finished when ``process``
+returns; a write that Kafka refuses is retried, never skipped, so a record is
+finished only once its successor is safely stored.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import msgspec
+
+from taskqueue.protobuf.service_pb2 import AT_MOST_ONCE, Task
+from taskqueue.server.allowlist import Allowlist
+from taskqueue.server.config import Config
+from taskqueue.server.dispatcher import Call, Dispatcher
+from taskqueue.server.errors import BadRecord, BrokerUnavailable
+from taskqueue.server.kafka import KafkaWriter
+from taskqueue.server.ladder import Ladder
+from taskqueue.server.policy import Failure, GiveUp, Policy
+from taskqueue.server.record import (
+    HEADER_PREFIX,
+    Headers,
+    State,
+    decode_task,
+    encode_task,
+    from_headers,
+    header_name,
+    to_headers,
+)
+from taskqueue.server.topics import DLQ, Topics, base_of
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+# Commits through the record before an at-most-once call; False: not ours now.
+Claim = Callable[[], Awaitable[bool]]
+
+WRITE_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """A record as the worker took it from Kafka."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    value: bytes | None
+    headers: Headers
+
+    @property
+    def where(self) -> str:
+        return f"{self.topic}/{self.partition}/{self.offset}"
+
+
+class Lifecycle:
+    def __init__(
+        self,
+        config: Config,
+        writer: KafkaWriter,
+        dispatcher: Dispatcher,
+        clock: Clock = time.time,
+    ) -> None:
+        self._config = config
+        self._writer = writer
+        self._dispatcher = dispatcher
+        self._clock = clock
+        self._topics = Topics(config.topics.prefix)
+        self._ladder = Ladder(config.topics.tiers)
+        self._allowlist = Allowlist(config.allow)
+        self._slots = asyncio.Semaphore(config.worker.concurrency)
+
+    async def process(self, taken: Taken, claim: Claim) -> None:
+        try:
+            task = decode_task(taken.value)
+            state = from_headers(taken.headers)
+        except BadRecord as exc:
+            await self._dead_letter_raw(taken, str(exc))
+            return
+
+        if state.origin is None:
+            state = _replace(state, origin=taken.where)
+        await self._run(task, state, claim)
+
+    async def _run(self, task: Task, state: State, claim: Claim) -> None:
+        # A retry picks its tier by the planned delay: recomputing it from the
+        # clock a moment later would come out a hair short of the tier.
+        wait_s = state.due_ms / 1000 - self._clock()
+        while True:
+            if await self._routed_onward(task, state, wait_s):
+                return
+            await self._sleep_until(state.due_ms)
+
+            if not self._allowlist.allows(task.authority):
+                reason = f"authority {task.authority} is not allowed"
+                await self._dead_letter(task, state, reason)
+                return
+            if task.delivery == AT_MOST_ONCE:
+                await self._call_once(task, state, claim)
+                return
+
+            failure = await self._call(task, state)
+            state = self._after_attempt(state, failure)
+            if failure is None:
+                return
+            retry = await self._retry_or_give_up(task, state, failure)
+            if retry is None:
+                return
+            state, wait_s = retry
+
+    async def _routed_onward(self, task: Task, state: State, wait_s: float) -> bool:
+        """Put the task on the ladder when its due time is a tier or more away."""
+        tier = self._ladder.tier_for(wait_s)
+        if tier is None:
+            return False
+        topic = self._topics.tier(task.authority, task.queue, tier.name)
+        await self._write(topic, task, state)
+        log.debug("task %s routed to %s", state.id, tier.name)
+        return True
+
+    async def _call_once(self, task: Task, state: State, claim: Claim) -> None:
+        if not await claim():
+            log.warning("task %s not called: its partition was taken away", state.id)
+            return
+        failure = await self._call(task, state)
+        if failure is not None:
+            log.warning(
+                "task %s failed (at-most-once, not retried) authority=%s method=%s "
+                "status=%s",
+                state.id,
+                task.authority,
+                task.method,
+                failure.status.name,
+            )
+
+    async def _call(self, task: Task, state: State) -> Failure | None:
+        attempt = state.attempt + 1
+        call = Call(
+            authority=task.authority,
+            method=task.method,
+            body=task.argument.value,
+            metadata=self._metadata(task, state, attempt),
+            deadline_s=self._deadline_s(task),
+        )
+        async with self._slots:
+            log.debug("calling task %s attempt=%d", state.id, attempt)
+            failure = await self._dispatcher.call(call)
+
+        if failure is None:
+            log.info(
+                "task %s succeeded authority=%s method=%s attempt=%d",
+                state.id,
+                task.authority,
+                task.method,
+                attempt,
+            )
+        return failure
+
+    async def _retry_or_give_up(
+        self, task: Task, state: State, failure: Failure
+    ) -> tuple[State, float] | None:
+        """The next attempt and the wait before it; None when finished with."""
+        policy = Policy.for_task(task, self._config.queue(task.queue))
+        age_s = self._clock() - state.added_ms / 1000
+        decision = policy.decide(failure, state.attempt, age_s)
+        if isinstance(decision, GiveUp):
+            await self._dead_letter(task, state, decision.reason)
+            return None
+
+        due_ms = int((self._clock() + decision.delay_s) * 1000)
+        log.info(
+            "task %s failed, retry in %.3fs authority=%s method=%s attempt=%d "
+            "status=%s",
+            state.id,
+            decision.delay_s,
+            task.authority,
+            task.method,
+            state.attempt,
+            failure.status.name,
+        )
+        return _replace(state, due_ms=due_ms), decision.delay_s
+
+    def _after_attempt(self, state: State, failure: Failure | None) -> State:
+        now_ms = int(self._clock() * 1000)
+        return _replace(
+            state,
+            attempt=state.attempt + 1,
+            first_attempt_ms=state.first_attempt_ms or now_ms,
+            last_attempt_ms=now_ms,
+            last_status=failure.status.name if failure else None,
+            last_message=failure.message if failure else None,
+        )
+
+    async def _dead_letter(self, task: Task, state: State, reason: str) -> None:
+        state = _replace(state, reason=reason)
+        await self._write(self._topics.dlq(task.authority, task.queue), task, state)
+        log.warning(
+            "task %s dead-lettered authority=%s method=%s attempt=%d: %s",
+            state.id,
+            task.authority,
+            task.method,
+            state.attempt,
+            reason,
+        )
+
+    async def _dead_letter_raw(self, taken: Taken, reason: str) -> None:
+        """Park a record we cannot read, byte for byte, with the reason."""
+        headers = [h for h in taken.headers if not h[0].startswith(HEADER_PREFIX)]
+        headers.append((header_name("reason"), reason.encode()))
+        headers.append((header_name("origin"), taken.where.encode()))
+        topic = f"{base_of(taken.topic)}.{DLQ}"
+        await self._write_raw(topic, taken.value or b"", headers, key=b"")
+        log.warning("record %s dead-lettered: %s", taken.where, reason)
+
+    async def _write(self, topic: str, task: Task, state: State) -> None:
+        await self._write_raw(
+            topic, encode_task(task), to_headers(state), key=state.id.encode()
+        )
+
+    async def _write_raw(
+        self, topic: str, value: bytes, headers: Headers, key: bytes
+    ) -> None:
+        """Write until Kafka takes it; the source stays uncommitted meanwhile."""
+        for attempt in range(1_000_000):
+            try:
+                await self._writer.write(
+                    topic,
+                    key=key,
+                    value=value,
+                    headers=headers,
+                    timestamp_ms=int(self._clock() * 1000),
+                )
+                return
+            except BrokerUnavailable as exc:
+                delay_s = WRITE_BACKOFF_S[min(attempt, len(WRITE_BACKOFF_S) - 1)]
+                log.warning("write to %s failed, again in %ss: %s", topic, delay_s, exc)
+                await asyncio.sleep(delay_s)
+
+    async def _sleep_until(self, due_ms: int) -> None:
+        # Timers may fire a hair early against the wall clock: check again.
+        while (left_s := due_ms / 1000 - self._clock()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(left_s)
+
+    def _deadline_s(self, task: Task) -> float:
+        if task.HasField("deadline"):
+            return task.deadline.ToNanoseconds() / 1e9
+        return self._config.queue(task.queue).deadline_s
+
+    def _metadata(self, task: Task, state: State, attempt: int) -> dict[str, str]:
+        metadata = dict(task.metadata)
+        metadata["taskqueue-task-id"] = state.id
+        metadata["taskqueue-attempt"] = str(attempt)
+        metadata["taskqueue-queue"] = task.queue
+        scheduled = datetime.fromtimestamp(state.due_ms / 1000, UTC)
+        metadata["taskqueue-scheduled-at"] = scheduled.isoformat(
+            timespec="milliseconds"
+        )
+        if state.last_status:
+            metadata["taskqueue-previous-status"] = state.last_status
+        return metadata
+
+
+def _replace(state: State, **changes: object) -> State:
+    return msgspec.structs.replace(state, **changes)

@@ -1,0 +1,60 @@
+"""Per-partition offset bookkeeping for out-of-order completion.
+
+Records of a partition are taken in offset order but finish in any order. The
+offset that may be committed is the lowest one not finished yet (or the next
+one to take when all are finished): committing past an unfinished record would
+lose it if the worker died.
+"""
+
+import asyncio
+from collections import deque
+
+
+class OffsetTracker:
+    def __init__(self) -> None:
+        self._taken: deque[int] = deque()
+        self._finished: set[int] = set()
+        self._next: int | None = None
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    def take(self, offset: int) -> None:
+        if self._next is not None and offset < self._next:
+            raise ValueError(f"offset {offset} taken after {self._next - 1}")
+        self._taken.append(offset)
+        self._next = offset + 1
+
+    def finish(self, offset: int) -> None:
+        self._finished.add(offset)
+        while self._taken and self._taken[0] in self._finished:
+            self._finished.discard(self._taken.popleft())
+        self._wake()
+
+    @property
+    def pending(self) -> int:
+        return len(self._taken) - len(self._finished)
+
+    def committable(self) -> int | None:
+        """Offset to commit: every record below it is finished."""
+        return self._taken[0] if self._taken else self._next
+
+    async def reached(self, offset: int) -> None:
+        """Wait until ``committable()`` is at least ``offset``."""
+        current = self.committable()
+        if current is not None and current >= offset:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append((offset, future))
+        await future
+
+    def _wake(self) -> None:
+        current = self.committable()
+        if current is None:
+            return
+        still = []
+        for offset, future in self._waiters:
+            if offset <= current:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                still.append((offset, future))
+        self._waiters = still

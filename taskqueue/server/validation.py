@@ -1,0 +1,168 @@
+"""Validation of a Task sent to ``add``; every message names the field."""
+
+import ipaddress
+import re
+import uuid
+
+from google.protobuf.duration_pb2 import Duration
+
+from taskqueue.protobuf.service_pb2 import Delivery, Task
+from taskqueue.server.errors import InvalidTask
+from taskqueue.server.topics import MAX_TOPIC_LENGTH, QUEUE_RE, is_reserved_queue
+
+DEFAULT_QUEUE = "default"
+# Room kept for the record's key, headers and the rest of the Task.
+HEADER_ROOM_BYTES = 16 * 1024
+MAX_METHOD_CHARS = 512
+MAX_METADATA_BYTES = 8 * 1024
+MAX_ATTEMPTS = 1000
+# No horizon of our own; this only keeps times inside int64 milliseconds.
+MAX_DELAY_S = 1000 * 365 * 86400
+# Headroom left in a topic name for the longest tier suffix.
+TIER_SUFFIX_ROOM = len(".retry-99999d")
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_METHOD = re.compile(r"/[A-Za-z_][A-Za-z0-9_.]*/[A-Za-z_][A-Za-z0-9_]*")
+_METADATA_KEY = re.compile(r"[a-z0-9_.-]+")
+_TASK_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_RESERVED_METADATA = ("grpc-", "taskqueue-", ":")
+
+
+def check_authority(authority: str) -> None:
+    host, sep, port = authority.rpartition(":")
+    if not sep or not host:
+        raise InvalidTask(f"authority {authority!r} is not host:port")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidTask(f"authority {authority!r} has no valid port (1-65535)")
+    if host.startswith("["):
+        _check_ipv6(authority, host)
+    elif not _is_hostname(host):
+        raise InvalidTask(f"authority {authority!r} has an invalid host name")
+
+
+def _check_ipv6(authority: str, host: str) -> None:
+    try:
+        if not host.endswith("]"):
+            raise ValueError(host)
+        ipaddress.IPv6Address(host[1:-1])
+    except ValueError:
+        raise InvalidTask(
+            f"authority {authority!r} has an invalid IPv6 address"
+        ) from None
+
+
+def _is_hostname(host: str) -> bool:
+    labels = host.removesuffix(".").split(".")
+    return len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+
+
+def check_method(method: str) -> None:
+    if len(method) > MAX_METHOD_CHARS or not _METHOD.fullmatch(method):
+        raise InvalidTask(
+            f"method {method[:80]!r} is not a gRPC path like /package.Service/Method"
+        )
+
+
+def check_queue(queue: str, topic_length: int) -> None:
+    if not QUEUE_RE.fullmatch(queue) or is_reserved_queue(queue):
+        raise InvalidTask(
+            f"queue {queue[:80]!r} must be 1-64 of A-Z a-z 0-9 _ - "
+            "and not 'dlq' or 'retry-<delay>'"
+        )
+    if topic_length + TIER_SUFFIX_ROOM > MAX_TOPIC_LENGTH:
+        raise InvalidTask(
+            f"authority and queue make a topic name longer than {MAX_TOPIC_LENGTH}"
+        )
+
+
+def check_argument(task: Task, max_message_bytes: int) -> None:
+    if not task.HasField("argument") or not task.argument.type_url:
+        raise InvalidTask("argument is required (a google.protobuf.Any with type_url)")
+    limit = max_message_bytes - HEADER_ROOM_BYTES
+    if len(task.argument.value) > limit:
+        raise InvalidTask(
+            f"argument is {len(task.argument.value)} bytes; the limit is {limit} "
+            f"({max_message_bytes} less {HEADER_ROOM_BYTES} kept for taskqueue's "
+            "headers)"
+        )
+
+
+def check_metadata(task: Task) -> None:
+    size = 0
+    for key, value in task.metadata.items():
+        if not _METADATA_KEY.fullmatch(key) or key.endswith("-bin"):
+            raise InvalidTask(
+                f"metadata key {key[:80]!r} must be lowercase a-z 0-9 _ . -"
+            )
+        if key.startswith(_RESERVED_METADATA):
+            raise InvalidTask(f"metadata key {key!r} is reserved")
+        if not value.isascii() or not value.isprintable():
+            raise InvalidTask(f"metadata value of {key!r} must be printable ASCII")
+        size += len(key) + len(value)
+    if size > MAX_METADATA_BYTES:
+        raise InvalidTask(
+            f"metadata is {size} bytes; the limit is {MAX_METADATA_BYTES}"
+        )
+
+
+def due_ms(task: Task, now_ms: int) -> int:
+    """When the first call is due, in milliseconds since the epoch."""
+    which = task.WhichOneof("due")
+    if which == "delay":
+        delay_s = _seconds(task.delay, "delay")
+        if delay_s < 0:
+            raise InvalidTask("delay must not be negative")
+        if delay_s > MAX_DELAY_S:
+            raise InvalidTask(f"delay is longer than {MAX_DELAY_S} seconds")
+        return now_ms + round(delay_s * 1000)
+    if which == "eta":
+        eta_ms = task.eta.seconds * 1000 + task.eta.nanos // 1_000_000
+        if not 0 <= task.eta.nanos < 1_000_000_000:
+            raise InvalidTask("eta.nanos must be in [0, 1e9)")
+        if eta_ms > now_ms + MAX_DELAY_S * 1000:
+            raise InvalidTask(f"eta is more than {MAX_DELAY_S} seconds away")
+        return max(eta_ms, now_ms)
+    return now_ms
+
+
+def check_deadline(task: Task, max_deadline_s: float) -> None:
+    if not task.HasField("deadline"):
+        return
+    deadline_s = _seconds(task.deadline, "deadline")
+    if not 0 < deadline_s <= max_deadline_s:
+        raise InvalidTask(f"deadline must be in (0, {max_deadline_s:g}] seconds")
+
+
+def check_retry(task: Task) -> None:
+    if not task.HasField("retry"):
+        return
+    retry = task.retry
+    if retry.max_attempts > MAX_ATTEMPTS:
+        raise InvalidTask(f"retry.max_attempts is above {MAX_ATTEMPTS}")
+    for delay in retry.backoff:
+        if _seconds(delay, "retry.backoff") < 0:
+            raise InvalidTask("retry.backoff delays must not be negative")
+    if retry.HasField("initial_backoff") and retry.multiplier < 1:
+        raise InvalidTask("retry.multiplier must be at least 1 with initial_backoff")
+    for name in ("initial_backoff", "max_backoff", "max_age"):
+        if retry.HasField(name) and _seconds(getattr(retry, name), f"retry.{name}") < 0:
+            raise InvalidTask(f"retry.{name} must not be negative")
+
+
+def task_id(task: Task) -> str:
+    if not task.id:
+        return uuid.uuid4().hex
+    if not _TASK_ID.fullmatch(task.id):
+        raise InvalidTask("id must be 1-128 of A-Z a-z 0-9 . _ : -")
+    return task.id
+
+
+def check_delivery(task: Task) -> None:
+    if task.delivery not in Delivery.values():
+        raise InvalidTask(f"delivery {task.delivery} is not a known Delivery value")
+
+
+def _seconds(duration: Duration, field: str) -> float:
+    if abs(duration.nanos) >= 1_000_000_000:
+        raise InvalidTask(f"{field}.nanos must be in (-1e9, 1e9)")
+    return duration.seconds + duration.nanos / 1e9
