@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from google.protobuf.message import DecodeError
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server, Stream
@@ -42,7 +43,13 @@ class TaskQueueService(TaskQueueBase):
         self._allowlist = Allowlist(config.allow)
 
     async def add(self, stream: "Stream[Task, AddReply]") -> None:
-        task = await stream.recv_message()
+        try:
+            task = await stream.recv_message()
+        except DecodeError:
+            raise GRPCError(
+                Status.INVALID_ARGUMENT,
+                "the request body is not a taskqueue.service.Task protobuf",
+            ) from None
         if task is None:
             raise GRPCError(Status.INVALID_ARGUMENT, "no Task in the request")
 
