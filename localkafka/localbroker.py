@@ -678,6 +678,9 @@ def _run_foreground(broker: LocalBroker) -> int:
         broker.stop()
         return 0
     broker.stop()
+    if code in (0, 128 + signal.SIGTERM, -signal.SIGTERM):  # e.g. the stop command
+        print("Kafka broker stopped", file=sys.stderr)
+        return 0
     print(f"Kafka broker exited with code {code}", file=sys.stderr)
     return 1
 

@@ -20,8 +20,9 @@ from taskqueue.server.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "localkafka"))
+sys.path.insert(0, str(ROOT / "examples" / "cafe"))  # cafe_pb2 for the tests
 
-from localbroker import LocalBroker  # noqa: E402
+from localbroker import LocalBroker
 
 
 def _docker_answers() -> bool:
@@ -57,7 +58,11 @@ def kafka_bootstrap() -> Iterator[str]:
 def make_config(bootstrap: str, **sections: object) -> Config:
     """A config of its own topic namespace, so tests never see each other."""
     data: dict[str, object] = {
-        "kafka": {"bootstrap_servers": bootstrap, "partitions": 2},
+        "kafka": {
+            "bootstrap_servers": bootstrap,
+            "partitions": 2,
+            "metadata_max_age_s": 0.5,
+        },
         "topics": {"prefix": f"t{uuid.uuid4().hex[:10]}"},
         "rpc": {"host": "127.0.0.1", "port": 0, "add_timeout_s": 5},
         "worker": {

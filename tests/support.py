@@ -7,7 +7,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from grpclib.const import Cardinality, Handler, Status
+from grpclib.encoding.proto import ProtoStatusDetailsCodec
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server, Stream
 
@@ -75,7 +77,9 @@ class Target:
         await stream.send_message(EMPTY)
 
     async def start(self, port: int = 0) -> None:
-        self._server = Server([self], codec=RawCodec())
+        self._server = Server(
+            [self], codec=RawCodec(), status_details_codec=ProtoStatusDetailsCodec()
+        )
         await self._server.start("127.0.0.1", port)
         self.port = self._server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
@@ -127,7 +131,9 @@ async def rpc_server(config: Config) -> AsyncIterator[int]:
 
 
 @contextlib.asynccontextmanager
-async def worker(config: Config, tier: TierName = TierName.MAIN) -> AsyncIterator[Worker]:
+async def worker(
+    config: Config, tier: TierName = TierName.MAIN
+) -> AsyncIterator[Worker]:
     running = Worker(config, tier)
     task = asyncio.create_task(running.run())
     try:
@@ -135,3 +141,30 @@ async def worker(config: Config, tier: TierName = TierName.MAIN) -> AsyncIterato
     finally:
         running.stop()
         await task
+
+
+async def read_topic(
+    bootstrap: str, topic: str, count: int, timeout_s: float = 20.0
+) -> list[ConsumerRecord]:
+    """Read the first ``count`` records of ``topic`` (all partitions), no group."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        metadata_max_age_ms=500,
+    )
+    await consumer.start()
+    records: list[ConsumerRecord] = []
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not (partitions := consumer.partitions_for_topic(topic)):
+                await consumer.topics()  # refreshes the metadata
+                await asyncio.sleep(0.1)
+            consumer.assign([TopicPartition(topic, p) for p in partitions])
+            while len(records) < count:
+                batch = await consumer.getmany(timeout_ms=200)
+                for part in batch.values():
+                    records.extend(part)
+    finally:
+        await consumer.stop()
+    return records

@@ -204,14 +204,19 @@ async def test_argument_at_the_limit_is_accepted(
     assert reply.id
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b"\xff\xff\xff\xff not a protobuf", b"\x0a\x02\xff\xfe"],
+    ids=["corrupt-wire-format", "authority-not-utf8"],
+)
 async def test_garbage_body_gets_a_status_and_the_server_keeps_serving(
-    config: Config,
+    config: Config, body: bytes
 ) -> None:
     async with rpc_server(config) as port:
         async with Channel("127.0.0.1", port, codec=RawCodec()) as raw:
             garbage = UnaryUnaryMethod[bytes, bytes](raw, ADD, bytes, bytes)
             with pytest.raises(GRPCError) as raised:
-                await garbage(b"\xff\xff\xff\xff not a protobuf", timeout=10)
+                await garbage(body, timeout=10)
         async with Channel("127.0.0.1", port) as channel:
             reply = await TaskQueueStub(channel).add(good_task(), timeout=10)
 

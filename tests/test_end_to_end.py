@@ -1,16 +1,11 @@
 """The main job on a real broker: add, then the target is called."""
 
-import sys
-from pathlib import Path
-
+import cafe_pb2
 from grpclib.client import Channel
 
 from taskqueue.client.queue import QueueStub
 from taskqueue.server.config import Config
 from tests.support import rpc_server, target, worker
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "cafe"))
-import cafe_pb2  # noqa: E402
 
 CoffeeMachineQueue = QueueStub.for_(cafe_pb2, "CoffeeMachine")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import msgspec
+from grpclib.const import Status
 
 from taskqueue.server.errors import ConfigError
 from taskqueue.server.ladder import parse_delay_s
@@ -16,6 +17,8 @@ DEFAULT_LOCATION = "config.yaml@dev"
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
+# At least one tier: without any, retries and scheduled tasks wait in memory.
+Tiers = Annotated[list[str], msgspec.Meta(min_length=1)]
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -37,7 +40,7 @@ class TopicsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # Topics are named PREFIX.<authority>.<queue>[.<tier>].
     prefix: str = "taskqueue"
     # Delays of the tier topics that hold retries and scheduled tasks.
-    tiers: list[str] = msgspec.field(
+    tiers: Tiers = msgspec.field(
         default_factory=lambda: ["5s", "1m", "10m", "1h", "8h", "2d", "14d"]
     )
     # Records stay on a tier this long after they are due, so that a worker
@@ -50,7 +53,9 @@ class RetryConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     # Total calls, the first one included.
     max_attempts: Count = 10
     # Delays before the 2nd, 3rd... attempt; the last repeats.
-    backoff_s: list[Positive] = msgspec.field(default_factory=lambda: [5.0, 60.0])
+    backoff_s: Annotated[list[Positive], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: [5.0, 60.0]
+    )
     max_age_s: Positive | None = None
     # Status names that are retried; everything else is dead-lettered at once.
     retryable: list[str] = msgspec.field(
@@ -138,6 +143,15 @@ def from_dict(data: object, origin: str = "<config>") -> Config:
 def _check(config: Config, origin: str) -> None:
     for tier in config.topics.tiers:
         parse_delay_s(tier, origin)
+    queues = {"queue_defaults": config.queue_defaults}
+    queues |= {f"queues.{name}": queue for name, queue in config.queues.items()}
+    for where, queue in queues.items():
+        for status in queue.retry.retryable:
+            if status not in Status.__members__:
+                raise ConfigError(
+                    f"{origin}: {where}.retry.retryable: {status!r} is not a gRPC "
+                    "status name like UNAVAILABLE"
+                )
     if config.worker.max_pending < config.worker.concurrency:
         raise ConfigError(f"{origin}: worker.max_pending is below worker.concurrency")
     deadlines = [config.queue_defaults.deadline_s]

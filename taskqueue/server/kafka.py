@@ -18,7 +18,7 @@ from taskqueue.server.config import Config
 from taskqueue.server.errors import BrokerUnavailable
 from taskqueue.server.ladder import Ladder
 from taskqueue.server.record import Headers
-from taskqueue.server.topics import DLQ, tier_of
+from taskqueue.server.topics import DLQ, base_of, tier_of
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class KafkaWriter:
     ) -> Written:
         """Write one record and wait until Kafka acknowledged it."""
         try:
-            await self.ensure_topic(topic)
+            await self.ensure_queue(base_of(topic))
             sent = await self._producer.send(
                 topic, value, key=key, headers=headers, timestamp_ms=timestamp_ms
             )
@@ -86,29 +86,38 @@ class KafkaWriter:
             raise BrokerUnavailable(f"Kafka did not take the write: {exc}") from exc
         return Written(meta.topic, meta.partition, meta.offset)
 
-    async def ensure_topic(self, topic: str) -> None:
-        if topic in self._known:
-            return
-        pending = self._creating.get(topic)
-        if pending is None:
-            pending = asyncio.ensure_future(self._create(topic))
-            self._creating[topic] = pending
-            pending.add_done_callback(lambda _: self._creating.pop(topic, None))
-        await asyncio.shield(pending)
-        self._known.add(topic)
+    async def ensure_queue(self, main_topic: str) -> None:
+        """Create a queue's main, tier and dead-letter topics in one request.
 
-    async def _create(self, topic: str) -> None:
-        new = NewTopic(
-            topic,
-            self._config.kafka.partitions,
-            self._config.kafka.replication_factor,
-            topic_configs=self._topic_configs(topic),
-        )
-        response = await self._admin.create_topics([new])
+        Creating the tiers with the queue lets retry workers discover them
+        before the first retry is written to one.
+        """
+        if main_topic in self._known:
+            return
+        pending = self._creating.get(main_topic)
+        if pending is None:
+            pending = asyncio.ensure_future(self._create(self._family(main_topic)))
+            self._creating[main_topic] = pending
+            pending.add_done_callback(lambda _: self._creating.pop(main_topic, None))
+        await asyncio.shield(pending)
+        self._known.add(main_topic)
+
+    def _family(self, main_topic: str) -> list[str]:
+        tiers = [f"{main_topic}.{tier.name}" for tier in self._ladder.tiers]
+        return [main_topic, *tiers, f"{main_topic}.{DLQ}"]
+
+    async def _create(self, topics: list[str]) -> None:
+        partitions = self._config.kafka.partitions
+        replication = self._config.kafka.replication_factor
+        new = [
+            NewTopic(t, partitions, replication, topic_configs=self._topic_configs(t))
+            for t in topics
+        ]
+        response = await self._admin.create_topics(new)
         for name, code, *message in response.topic_errors:
             if code not in (0, TOPIC_ALREADY_EXISTS):
                 raise BrokerUnavailable(f"cannot create topic {name}: {code} {message}")
-        log.info("topic %s is ready", topic)
+        log.info("topics of %s are ready", topics[0])
 
     def _topic_configs(self, topic: str) -> dict[str, str]:
         tier = tier_of(topic)

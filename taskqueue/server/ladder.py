@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from taskqueue.server.errors import ConfigError
 
 _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DELAY_RE = re.compile(r"([0-9]+)([smhd])")
+# At most 5 digits: validation keeps room for ".retry-99999d" in a topic name.
+_DELAY_RE = re.compile(r"([0-9]{1,5})([smhd])")
 
 
 def parse_delay_s(tier: str, origin: str = "<config>") -> float:

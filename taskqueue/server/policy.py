@@ -13,6 +13,7 @@ from grpclib.const import Status
 
 from taskqueue.protobuf.service_pb2 import RetryPolicy, Task
 from taskqueue.server.config import QueueConfig
+from taskqueue.server.validation import MAX_DELAY_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,10 +84,13 @@ class Policy:
     def backoff(self, attempt: int) -> float:
         """Delay before attempt ``attempt + 1``."""
         if self.initial_backoff_s is not None:
-            delay_s = self.initial_backoff_s * self.multiplier ** (attempt - 1)
+            try:
+                delay_s = self.initial_backoff_s * self.multiplier ** (attempt - 1)
+            except OverflowError:  # a large multiplier, a late attempt
+                delay_s = MAX_DELAY_S
             if self.max_backoff_s is not None:
                 delay_s = min(delay_s, self.max_backoff_s)
-            return delay_s
+            return min(delay_s, MAX_DELAY_S)
         return self.backoff_s[min(attempt, len(self.backoff_s)) - 1]
 
 

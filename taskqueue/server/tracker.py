@@ -13,7 +13,7 @@ from collections import deque
 class OffsetTracker:
     def __init__(self) -> None:
         self._taken: deque[int] = deque()
-        self._finished: set[int] = set()
+        self._open: set[int] = set()  # taken and not finished yet
         self._next: int | None = None
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
 
@@ -21,17 +21,22 @@ class OffsetTracker:
         if self._next is not None and offset < self._next:
             raise ValueError(f"offset {offset} taken after {self._next - 1}")
         self._taken.append(offset)
+        self._open.add(offset)
         self._next = offset + 1
 
     def finish(self, offset: int) -> None:
-        self._finished.add(offset)
-        while self._taken and self._taken[0] in self._finished:
-            self._finished.discard(self._taken.popleft())
+        # Only the first finish counts: an at-most-once record is finished
+        # when it is claimed and again when its call returns.
+        if offset not in self._open:
+            return
+        self._open.discard(offset)
+        while self._taken and self._taken[0] not in self._open:
+            self._taken.popleft()
         self._wake()
 
     @property
     def pending(self) -> int:
-        return len(self._taken) - len(self._finished)
+        return len(self._open)
 
     def committable(self) -> int | None:
         """Offset to commit: every record below it is finished."""

@@ -32,7 +32,9 @@ def check_authority(authority: str) -> None:
     host, sep, port = authority.rpartition(":")
     if not sep or not host:
         raise InvalidTask(f"authority {authority!r} is not host:port")
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    # isascii: str.isdigit() also takes digits like "²" or "٨" that int()
+    # refuses or Kafka topic names cannot hold.
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise InvalidTask(f"authority {authority!r} has no valid port (1-65535)")
     if host.startswith("["):
         _check_ipv6(authority, host)
@@ -42,7 +44,9 @@ def check_authority(authority: str) -> None:
 
 def _check_ipv6(authority: str, host: str) -> None:
     try:
-        if not host.endswith("]"):
+        # A zone ("%eth0") means nothing away from the caller's own host, and
+        # topic names cannot hold it.
+        if not host.endswith("]") or "%" in host:
             raise ValueError(host)
         ipaddress.IPv6Address(host[1:-1])
     except ValueError:
@@ -142,7 +146,9 @@ def check_retry(task: Task) -> None:
     for delay in retry.backoff:
         if _seconds(delay, "retry.backoff") < 0:
             raise InvalidTask("retry.backoff delays must not be negative")
-    if retry.HasField("initial_backoff") and retry.multiplier < 1:
+    # 0 is proto3's "unset" (the policy then doubles); NaN is refused too.
+    multiplier = retry.multiplier
+    if retry.HasField("initial_backoff") and multiplier != 0 and not multiplier >= 1:
         raise InvalidTask("retry.multiplier must be at least 1 with initial_backoff")
     for name in ("initial_backoff", "max_backoff", "max_age"):
         if retry.HasField(name) and _seconds(getattr(retry, name), f"retry.{name}") < 0:

@@ -129,7 +129,10 @@ class Worker:
     def _apply_backpressure(self) -> None:
         """Pause what must wait; resume the rest."""
         full = self._room() <= 0
+        assigned = self._consumer.assignment()
         for part in self._parts.values():
+            if part.tp not in assigned:
+                continue  # a rebalance is under way
             if full or part.resume_at is not None:
                 self._consumer.pause(part.tp)
             else:
@@ -165,7 +168,7 @@ class Worker:
 
     def _head_due(self, part: _Partition) -> None:
         part.resume_at = None
-        if not part.lost:
+        if not part.lost and part.tp in self._consumer.assignment():
             self._consumer.resume(part.tp)
             log.info("partition %s resumed", part.tp)
 
@@ -251,8 +254,7 @@ class Worker:
     async def _shut_down(self) -> None:
         parts = list(self._parts.values())
         self._parts.clear()
-        for part in parts:
-            self._consumer.pause(part.tp)
+        self._consumer.pause(*self._consumer.assignment())
         await self._release(parts, self._config.worker.shutdown_grace_s)
         await self._consumer.stop()
         log.info("worker for tier %s stopped", self._tier)

@@ -1,0 +1,1 @@
+"""Benchmarks: plain scripts, run as ``python bench/NAME.py`` (see README.md)."""
