@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import msgspec
@@ -43,6 +43,11 @@ Clock = Callable[[], float]
 # Commits through the record before an at-most-once call; False: not ours now.
 Claim = Callable[[], Awaitable[bool]]
 
+
+class Interrupted(Exception):
+    """The worker took the job back (shutdown or rebalance) while it waited."""
+
+
 WRITE_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -62,6 +67,34 @@ class Taken:
         return f"{self.topic}/{self.partition}/{self.offset}"
 
 
+@dataclass(eq=False, slots=True)
+class Job:
+    """One taken record on its way through the lifecycle.
+
+    ``interrupt()`` stops the job wherever it only waits (for its due time, a
+    call slot or a write retry), leaving its record unfinished so that it is
+    read again; calls and writes under way are left to complete.
+    """
+
+    taken: Taken
+    claim: Claim
+    interrupted: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def interrupt(self) -> None:
+        self.interrupted.set()
+
+    async def wait(self, seconds: float) -> None:
+        """Sleep, unless interrupted first."""
+        if self.interrupted.is_set():
+            raise Interrupted
+        try:
+            async with asyncio.timeout(seconds):
+                await self.interrupted.wait()
+        except TimeoutError:
+            return
+        raise Interrupted
+
+
 class Lifecycle:
     def __init__(
         self,
@@ -79,59 +112,70 @@ class Lifecycle:
         self._allowlist = Allowlist(config.allow)
         self._slots = asyncio.Semaphore(config.worker.concurrency)
 
-    async def process(self, taken: Taken, claim: Claim) -> None:
+    async def process(self, job: Job) -> bool:
+        """Take the job as far as it goes; True when its record is finished."""
+        try:
+            await self._process(job)
+        except Interrupted:
+            return False
+        return True
+
+    async def _process(self, job: Job) -> None:
+        taken = job.taken
         try:
             task = decode_task(taken.value)
             state = from_headers(taken.headers)
         except BadRecord as exc:
-            await self._dead_letter_raw(taken, str(exc))
+            await self._dead_letter_raw(job, str(exc))
             return
 
         if state.origin is None:
             state = _replace(state, origin=taken.where)
-        await self._run(task, state, claim)
+        await self._run(job, task, state)
 
-    async def _run(self, task: Task, state: State, claim: Claim) -> None:
+    async def _run(self, job: Job, task: Task, state: State) -> None:
         # A retry picks its tier by the planned delay: recomputing it from the
         # clock a moment later would come out a hair short of the tier.
         wait_s = state.due_ms / 1000 - self._clock()
         while True:
-            if await self._routed_onward(task, state, wait_s):
+            if await self._routed_onward(job, task, state, wait_s):
                 return
-            await self._sleep_until(state.due_ms)
+            await self._sleep_until(job, state.due_ms)
 
             if not self._allowlist.allows(task.authority):
                 reason = f"authority {task.authority} is not allowed"
-                await self._dead_letter(task, state, reason)
+                await self._dead_letter(job, task, state, reason)
                 return
             if task.delivery == AT_MOST_ONCE:
-                await self._call_once(task, state, claim)
+                await self._call_once(job, task, state)
                 return
 
-            failure = await self._call(task, state)
+            failure = await self._call(job, task, state)
             state = self._after_attempt(state, failure)
             if failure is None:
                 return
-            retry = await self._retry_or_give_up(task, state, failure)
+            retry = await self._retry_or_give_up(job, task, state, failure)
             if retry is None:
                 return
             state, wait_s = retry
 
-    async def _routed_onward(self, task: Task, state: State, wait_s: float) -> bool:
+    async def _routed_onward(
+        self, job: Job, task: Task, state: State, wait_s: float
+    ) -> bool:
         """Put the task on the ladder when its due time is a tier or more away."""
         tier = self._ladder.tier_for(wait_s)
         if tier is None:
             return False
         topic = self._topics.tier(task.authority, task.queue, tier.name)
-        await self._write(topic, task, state)
+        await self._write(job, topic, task, state)
         log.debug("task %s routed to %s", state.id, tier.name)
         return True
 
-    async def _call_once(self, task: Task, state: State, claim: Claim) -> None:
-        if not await claim():
+    async def _call_once(self, job: Job, task: Task, state: State) -> None:
+        if not await job.claim():
             log.warning("task %s not called: its partition was taken away", state.id)
             return
-        failure = await self._call(task, state)
+        failure = await self._call(job, task, state)
         if failure is not None:
             log.warning(
                 "task %s failed (at-most-once, not retried) authority=%s method=%s "
@@ -142,7 +186,7 @@ class Lifecycle:
                 failure.status.name,
             )
 
-    async def _call(self, task: Task, state: State) -> Failure | None:
+    async def _call(self, job: Job, task: Task, state: State) -> Failure | None:
         attempt = state.attempt + 1
         call = Call(
             authority=task.authority,
@@ -152,6 +196,8 @@ class Lifecycle:
             deadline_s=self._deadline_s(task),
         )
         async with self._slots:
+            if job.interrupted.is_set():
+                raise Interrupted  # waited for a slot through a shutdown
             log.debug("calling task %s attempt=%d", state.id, attempt)
             failure = await self._dispatcher.call(call)
 
@@ -166,14 +212,14 @@ class Lifecycle:
         return failure
 
     async def _retry_or_give_up(
-        self, task: Task, state: State, failure: Failure
+        self, job: Job, task: Task, state: State, failure: Failure
     ) -> tuple[State, float] | None:
         """The next attempt and the wait before it; None when finished with."""
         policy = Policy.for_task(task, self._config.queue(task.queue))
         age_s = self._clock() - state.added_ms / 1000
         decision = policy.decide(failure, state.attempt, age_s)
         if isinstance(decision, GiveUp):
-            await self._dead_letter(task, state, decision.reason)
+            await self._dead_letter(job, task, state, decision.reason)
             return None
 
         due_ms = int((self._clock() + decision.delay_s) * 1000)
@@ -200,9 +246,12 @@ class Lifecycle:
             last_message=failure.message if failure else None,
         )
 
-    async def _dead_letter(self, task: Task, state: State, reason: str) -> None:
+    async def _dead_letter(
+        self, job: Job, task: Task, state: State, reason: str
+    ) -> None:
         state = _replace(state, reason=reason)
-        await self._write(self._topics.dlq(task.authority, task.queue), task, state)
+        dlq = self._topics.dlq(task.authority, task.queue)
+        await self._write(job, dlq, task, state)
         log.warning(
             "task %s dead-lettered authority=%s method=%s attempt=%d: %s",
             state.id,
@@ -212,22 +261,23 @@ class Lifecycle:
             reason,
         )
 
-    async def _dead_letter_raw(self, taken: Taken, reason: str) -> None:
+    async def _dead_letter_raw(self, job: Job, reason: str) -> None:
         """Park a record we cannot read, byte for byte, with the reason."""
+        taken = job.taken
         headers = [h for h in taken.headers if not h[0].startswith(HEADER_PREFIX)]
         headers.append((header_name("reason"), reason.encode()))
         headers.append((header_name("origin"), taken.where.encode()))
         topic = f"{base_of(taken.topic)}.{DLQ}"
-        await self._write_raw(topic, taken.value or b"", headers, key=b"")
+        await self._write_raw(job, topic, taken.value or b"", headers, key=b"")
         log.warning("record %s dead-lettered: %s", taken.where, reason)
 
-    async def _write(self, topic: str, task: Task, state: State) -> None:
+    async def _write(self, job: Job, topic: str, task: Task, state: State) -> None:
         await self._write_raw(
-            topic, encode_task(task), to_headers(state), key=state.id.encode()
+            job, topic, encode_task(task), to_headers(state), key=state.id.encode()
         )
 
     async def _write_raw(
-        self, topic: str, value: bytes, headers: Headers, key: bytes
+        self, job: Job, topic: str, value: bytes, headers: Headers, key: bytes
     ) -> None:
         """Write until Kafka takes it; the source stays uncommitted meanwhile."""
         for attempt in range(1_000_000):
@@ -243,12 +293,12 @@ class Lifecycle:
             except BrokerUnavailable as exc:
                 delay_s = WRITE_BACKOFF_S[min(attempt, len(WRITE_BACKOFF_S) - 1)]
                 log.warning("write to %s failed, again in %ss: %s", topic, delay_s, exc)
-                await asyncio.sleep(delay_s)
+                await job.wait(delay_s)
 
-    async def _sleep_until(self, due_ms: int) -> None:
+    async def _sleep_until(self, job: Job, due_ms: int) -> None:
         # Timers may fire a hair early against the wall clock: check again.
-        while (left_s := due_ms / 1000 - self._clock()) > 0:  # noqa: ASYNC110
-            await asyncio.sleep(left_s)
+        while (left_s := due_ms / 1000 - self._clock()) > 0:
+            await job.wait(left_s)
 
     def _deadline_s(self, task: Task) -> float:
         if task.HasField("deadline"):

@@ -23,7 +23,7 @@ from taskqueue.server.config import Config
 from taskqueue.server.dispatcher import Dispatcher
 from taskqueue.server.kafka import KafkaWriter
 from taskqueue.server.ladder import Ladder
-from taskqueue.server.lifecycle import Lifecycle, Taken
+from taskqueue.server.lifecycle import Job, Lifecycle, Taken
 from taskqueue.server.topics import Topics, tier_of
 from taskqueue.server.tracker import OffsetTracker
 
@@ -48,7 +48,7 @@ class _Partition:
         self.tp = tp
         self.tracker = OffsetTracker()
         self.committed: int | None = None
-        self.jobs: set[asyncio.Task[None]] = set()
+        self.jobs: dict[asyncio.Task[bool], Job] = {}
         self.resume_at: asyncio.TimerHandle | None = None
         self.lost = False
 
@@ -186,17 +186,23 @@ class Worker:
         async def claim() -> bool:
             return await self._claim(part, record.offset)
 
-        job = asyncio.create_task(self._lifecycle.process(taken, claim))
-        part.jobs.add(job)
-        job.add_done_callback(lambda done: self._finished(part, record.offset, done))
+        job = Job(taken, claim)
+        running = asyncio.create_task(self._lifecycle.process(job))
+        part.jobs[running] = job
+        running.add_done_callback(
+            lambda done: self._finished(part, record.offset, done)
+        )
 
-    def _finished(self, part: _Partition, offset: int, job: asyncio.Task[None]) -> None:
-        part.jobs.discard(job)
-        if job.cancelled():
-            return  # shutdown or revoke: left uncommitted, read again later
-        if job.exception() is not None:
+    def _finished(
+        self, part: _Partition, offset: int, done: asyncio.Task[bool]
+    ) -> None:
+        part.jobs.pop(done, None)
+        if done.cancelled():
+            return  # shutdown or revoke: left unfinished, read again later
+        if done.exception() is not None:
+            # A bug, not a task's failure: keep the record rather than lose it.
             log.error(
-                "record %s/%d left uncommitted: %r", part.tp, offset, job.exception()
+                "record %s/%d left unfinished: %r", part.tp, offset, done.exception()
             )
             return
         if not part.lost:
@@ -242,14 +248,17 @@ class Worker:
             if part.resume_at is not None:
                 part.resume_at.cancel()
                 part.resume_at = None
-        jobs = [job for part in parts for job in part.jobs]
-        if jobs:
-            await asyncio.wait(jobs, timeout=wait_s)
+        running = [task for part in parts for task in part.jobs]
+        for part in parts:
+            for job in part.jobs.values():
+                job.interrupt()  # those that only wait stop at once
+        if running:
+            await asyncio.wait(running, timeout=wait_s)
         for part in parts:
             await self._commit_partition(part)
             part.lost = True
-            for job in part.jobs:
-                job.cancel()
+            for task in part.jobs:
+                task.cancel()
 
     async def _shut_down(self) -> None:
         parts = list(self._parts.values())
