@@ -45,7 +45,7 @@ CHILD_STOP_S = 30.0
 # -- arguments -------------------------------------------------------------------
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, rounds: int = 3) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument(
         "--bootstrap",
@@ -55,8 +55,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--rounds",
         type=int,
-        default=1,
-        help="measure each side this many times; the median is compared",
+        default=rounds,
+        help=f"measure each side this many times; the medians are compared "
+        f"(default {rounds})",
     )
     p.add_argument(
         "--log-level",
@@ -234,5 +235,11 @@ def machine(kafka: str) -> str:
                 break
     return (
         f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
-        f"Kafka {kafka}"
+        f"Kafka {kafka}, {load()}"
     )
+
+
+def load() -> str:
+    """The load average: other work on the machine skews every figure."""
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min) {five:.2f} (5 min)"

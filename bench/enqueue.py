@@ -38,7 +38,7 @@ from taskqueue.server.app import run_rpc
 from taskqueue.server.config import Config
 
 if not __package__:  # run as a script: make the `bench` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
 from bench import _common
 
 OURS = "taskqueue"
@@ -109,6 +109,7 @@ def serve(conn: multiprocessing.connection.Connection, spec: Spec) -> None:
             stats = pstats.Stats(profiler, stream=out)
             stats.sort_stats("tottime").print_stats(30)
             stats.sort_stats("cumulative").print_stats(40)
+            stats.sort_stats("cumulative").print_stats("taskqueue/|aiokafka/", 40)
 
 
 async def _serve(
@@ -372,6 +373,7 @@ def main() -> int:
                 for level in measure_side(side, args, broker, tmp):
                     results.setdefault((side, level.concurrency), []).append(level)
         report(results, args.concurrency)
+        print(f"after the run: {_common.load()}")
 
         if args.profile:
             profile_to = tmp / "profile.txt"

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -317,13 +318,16 @@ def _terminate_pid(pid: int, timeout_s: float) -> None:
         _wait_gone(pid, 5.0)
 
 
-def _kill_group_at_exit(proc: subprocess.Popen[bytes]) -> None:
-    # Safety net for a LocalBroker dropped or left running at interpreter
-    # exit without stop(): never leave an orphan JVM behind.
+def _stop_at_exit(proc: subprocess.Popen[bytes]) -> None:
+    # Safety net for a LocalBroker garbage-collected or left running at
+    # interpreter exit without stop(): never leave an orphan JVM behind.
     if proc.poll() is None:
-        _signal_group(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5.0)
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10.0)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def stop_from_pid_file(data_dir: Path, timeout_s: float = 15.0) -> bool:
@@ -348,9 +352,13 @@ class LocalBroker:
 
     ``port=0`` (or ``controller_port=0``) picks a free loopback port; the
     controller port defaults to ``port + 1`` (a free one when ``port=0``).
+    Picked ports are known from construction on (``bootstrap``) and kept
+    across stop/start, unless taken by someone else when ``start()`` runs.
     ``data_dir`` holds the generated configs, the pid file, the log file
     (unless ``log_file`` is given) and the partition data (``kafka-logs/``),
-    which survives a stop and a restart.
+    which survives a stop and a restart. A broker still running when its
+    LocalBroker is garbage-collected or the interpreter exits is stopped,
+    unless ``detach()`` was called.
     """
 
     def __init__(
@@ -362,12 +370,14 @@ class LocalBroker:
         jars_dir: Path | None = None,
         log_file: Path | None = None,
     ) -> None:
-        self._port = port or _free_port()
         if controller_port is None:
-            controller_port = 0 if port == 0 else self._port + 1
-        while not controller_port or controller_port == self._port:
-            controller_port = _free_port()
+            controller_port = 0 if port == 0 else port + 1
+        # Ports asked as 0 are picked now and picked again by start() if taken.
+        self._auto_port = port == 0
+        self._auto_controller_port = controller_port == 0
+        self._port = port
         self._controller_port = controller_port
+        self._pick_ports()
         self._data_dir = Path(data_dir).resolve()
         self._jars_dir = Path(jars_dir or DEFAULT_JARS_DIR).resolve()
         self._log_file = Path(log_file or self._data_dir / DEFAULT_LOG_FILE).resolve()
@@ -376,6 +386,24 @@ class LocalBroker:
         self._finalizer: (
             weakref.finalize[[subprocess.Popen[bytes]], LocalBroker] | None
         ) = None
+
+    def _pick_ports(self) -> None:
+        if self._auto_port:
+            self._port = _free_port()
+        if self._auto_controller_port:
+            self._controller_port = _free_port()
+            while self._controller_port == self._port:
+                self._controller_port = _free_port()
+
+    def _check_ports(self) -> None:
+        for _ in range(5):
+            busy = [p for p in (self._port, self._controller_port) if not _port_free(p)]
+            if not busy:
+                return
+            if not (self._auto_port or self._auto_controller_port):
+                break
+            self._pick_ports()
+        raise BrokerStartError(f"port {HOST}:{busy[0]} is already in use")
 
     # -- read-only facts ---------------------------------------------------
 
@@ -524,17 +552,25 @@ class LocalBroker:
                 f"a broker already runs from {self._data_dir} (pid {other}); "
                 "stop it first"
             )
-        for port in (self._port, self._controller_port):
-            if not _port_free(port):
-                raise BrokerStartError(f"port {HOST}:{port} is already in use")
-        config = self._write_configs()
-        self._format_storage(java, config)
-        self._spawn(java, config)
-        try:
-            self._wait_ready(deadline, timeout_s)
-        except BaseException:
-            self.stop()
-            raise
+        self._check_ports()
+        self._format_storage(java, self._write_configs())
+        for attempt in range(1, 4):
+            self._spawn(java, self._write_configs())
+            try:
+                self._wait_ready(deadline, timeout_s)
+                return
+            except BrokerStartError as exc:
+                self.stop()
+                # A port picked for port=0 can be taken before the JVM binds
+                # it (e.g. by another process's client socket): pick again.
+                auto = self._auto_port or self._auto_controller_port
+                if not auto or attempt == 3 or "Address already in use" not in str(exc):
+                    raise
+                self._pick_ports()
+                self._check_ports()
+            except BaseException:
+                self.stop()
+                raise
 
     def _spawn(self, java: str, config: Path) -> None:
         self._log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -548,7 +584,7 @@ class LocalBroker:
                 cwd=self._data_dir,
                 start_new_session=True,  # own process group, no terminal signals
             )
-        self._finalizer = weakref.finalize(self, _kill_group_at_exit, self._proc)
+        self._finalizer = weakref.finalize(self, _stop_at_exit, self._proc)
         (self._data_dir / PID_FILE).write_text(f"{self._proc.pid}\n")
 
     def _wait_ready(self, deadline: float, timeout_s: float) -> None:
@@ -609,8 +645,12 @@ class LocalBroker:
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
-        pid = self._proc.pid
-        self._proc = None
+        proc, self._proc = self._proc, None
+        pid = proc.pid
+        with warnings.catch_warnings():
+            # Popen warns when dropped while its child runs: intended here.
+            warnings.simplefilter("ignore", ResourceWarning)
+            del proc
         return pid
 
     def wait(self) -> int:

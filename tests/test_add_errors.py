@@ -25,7 +25,7 @@ from taskqueue.server.validation import HEADER_ROOM_BYTES, MAX_ATTEMPTS
 from tests.support import rpc_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "cafe"))
-import cafe_pb2  # noqa: E402
+import cafe_pb2
 
 ADD = "/taskqueue.service.TaskQueue/add"
 CoffeeMachineQueue = QueueStub.for_(cafe_pb2, "CoffeeMachine")
@@ -83,68 +83,73 @@ def retry(policy: RetryPolicy) -> Spoil:
 
 INVALID = Status.INVALID_ARGUMENT
 
-# (case id, spoil, expected status, the field the message must name)
-CASES: list[tuple[str, Spoil, Status, str]] = [
-    ("authority-missing", setting("authority", ""), INVALID, "authority"),
-    ("authority-no-port", setting("authority", "localhost"), INVALID, "authority"),
-    ("authority-empty-port", setting("authority", "localhost:"), INVALID, "authority"),
-    ("authority-port-zero", setting("authority", "127.0.0.1:0"), INVALID, "authority"),
-    ("authority-port-big", setting("authority", "127.0.0.1:65536"), INVALID, "authority"),
-    ("authority-port-name", setting("authority", "127.0.0.1:grpc"), INVALID, "authority"),
-    ("authority-bad-host", setting("authority", "bad_host!:80"), INVALID, "authority"),
-    ("authority-dash-host", setting("authority", "-cafe.local:80"), INVALID, "authority"),
-    ("authority-ipv6-bad", setting("authority", "[::zz]:80"), INVALID, "authority"),
-    ("authority-ipv6-open", setting("authority", "[::1:80"), INVALID, "authority"),
-    ("authority-ipv6-bare", setting("authority", "::1:80"), INVALID, "authority"),
-    (
+
+def case(
+    name: str, spoil: Spoil, field: str, status: Status = INVALID
+) -> pytest.ParameterSet:
+    """``spoil`` must get ``status`` and a message naming ``field``."""
+    return pytest.param(spoil, status, field, id=name)
+
+
+CASES = [
+    case("authority-missing", setting("authority", ""), "authority"),
+    case("authority-no-port", setting("authority", "localhost"), "authority"),
+    case("authority-empty-port", setting("authority", "localhost:"), "authority"),
+    case("authority-port-zero", setting("authority", "127.0.0.1:0"), "authority"),
+    case("authority-port-big", setting("authority", "127.0.0.1:65536"), "authority"),
+    case("authority-port-name", setting("authority", "127.0.0.1:grpc"), "authority"),
+    case("authority-bad-host", setting("authority", "bad_host!:80"), "authority"),
+    case("authority-dash-host", setting("authority", "-cafe.local:80"), "authority"),
+    case("authority-ipv6-bad", setting("authority", "[::zz]:80"), "authority"),
+    case("authority-ipv6-open", setting("authority", "[::1:80"), "authority"),
+    case("authority-ipv6-bare", setting("authority", "::1:80"), "authority"),
+    case(
         "authority-not-allowed",
         setting("authority", "10.1.2.3:50051"),
-        Status.PERMISSION_DENIED,
         "authority",
+        Status.PERMISSION_DENIED,
     ),
-    (
+    case(
         "authority-not-allowed-name",
         setting("authority", "metadata.google.internal:80"),
-        Status.PERMISSION_DENIED,
         "authority",
+        Status.PERMISSION_DENIED,
     ),
-    ("method-missing", setting("method", ""), INVALID, "method"),
-    ("method-no-slash", setting("method", "make_latte"), INVALID, "method"),
-    ("method-no-name", setting("method", "/coffeemachine.Cafe"), INVALID, "method"),
-    ("method-extra", setting("method", "/a.B/c/d"), INVALID, "method"),
-    ("method-space", setting("method", "/a.B/make latte"), INVALID, "method"),
-    ("argument-missing", no_argument, INVALID, "argument"),
-    ("argument-no-type", argument_without_type, INVALID, "argument"),
-    ("queue-space", setting("queue", "my queue"), INVALID, "queue"),
-    ("queue-dot", setting("queue", "a.b"), INVALID, "queue"),
-    ("queue-long", setting("queue", "q" * 65), INVALID, "queue"),
-    ("queue-dlq", setting("queue", "dlq"), INVALID, "queue"),
-    ("queue-retry-tier", setting("queue", "retry-5s"), INVALID, "queue"),
-    ("delivery-unknown", setting("delivery", 7), INVALID, "delivery"),
-    ("delay-negative", duration("delay", -1), INVALID, "delay"),
-    ("delay-negative-nanos", duration("delay", 0, -1), INVALID, "delay"),
-    ("deadline-zero", duration("deadline", 0), INVALID, "deadline"),
-    ("deadline-negative", duration("deadline", -5), INVALID, "deadline"),
-    ("deadline-too-large", duration("deadline", 10**6), INVALID, "deadline"),
-    ("metadata-reserved", metadata("taskqueue-task-id", "x"), INVALID, "metadata"),
-    ("metadata-reserved-grpc", metadata("grpc-timeout", "1S"), INVALID, "metadata"),
-    ("metadata-upper-key", metadata("Tenant", "x"), INVALID, "metadata"),
-    ("metadata-space-key", metadata("my key", "x"), INVALID, "metadata"),
-    ("metadata-bin-key", metadata("blob-bin", "x"), INVALID, "metadata"),
-    ("metadata-non-ascii", metadata("tenant", "café"), INVALID, "metadata"),
-    ("metadata-newline", metadata("tenant", "a\nb"), INVALID, "metadata"),
-    ("id-bad-chars", setting("id", "order 42!"), INVALID, "id"),
-    ("id-too-long", setting("id", "i" * 129), INVALID, "id"),
-    (
+    case("method-missing", setting("method", ""), "method"),
+    case("method-no-slash", setting("method", "make_latte"), "method"),
+    case("method-no-name", setting("method", "/coffeemachine.Cafe"), "method"),
+    case("method-extra", setting("method", "/a.B/c/d"), "method"),
+    case("method-space", setting("method", "/a.B/make latte"), "method"),
+    case("argument-missing", no_argument, "argument"),
+    case("argument-no-type", argument_without_type, "argument"),
+    case("queue-space", setting("queue", "my queue"), "queue"),
+    case("queue-dot", setting("queue", "a.b"), "queue"),
+    case("queue-long", setting("queue", "q" * 65), "queue"),
+    case("queue-dlq", setting("queue", "dlq"), "queue"),
+    case("queue-retry-tier", setting("queue", "retry-5s"), "queue"),
+    case("delivery-unknown", setting("delivery", 7), "delivery"),
+    case("delay-negative", duration("delay", -1), "delay"),
+    case("delay-negative-nanos", duration("delay", 0, -1), "delay"),
+    case("deadline-zero", duration("deadline", 0), "deadline"),
+    case("deadline-negative", duration("deadline", -5), "deadline"),
+    case("deadline-too-large", duration("deadline", 10**6), "deadline"),
+    case("metadata-reserved", metadata("taskqueue-task-id", "x"), "metadata"),
+    case("metadata-reserved-grpc", metadata("grpc-timeout", "1S"), "metadata"),
+    case("metadata-upper-key", metadata("Tenant", "x"), "metadata"),
+    case("metadata-space-key", metadata("my key", "x"), "metadata"),
+    case("metadata-bin-key", metadata("blob-bin", "x"), "metadata"),
+    case("metadata-non-ascii", metadata("tenant", "café"), "metadata"),
+    case("metadata-newline", metadata("tenant", "a\nb"), "metadata"),
+    case("id-bad-chars", setting("id", "order 42!"), "id"),
+    case("id-too-long", setting("id", "i" * 129), "id"),
+    case(
         "retry-too-many-attempts",
         retry(RetryPolicy(max_attempts=MAX_ATTEMPTS + 1)),
-        INVALID,
         "retry.max_attempts",
     ),
-    (
+    case(
         "retry-negative-backoff",
         retry(RetryPolicy(backoff=[Duration(seconds=-1)])),
-        INVALID,
         "retry.backoff",
     ),
 ]
@@ -157,13 +162,12 @@ async def stub(config: Config) -> AsyncIterator[TaskQueueStub]:
 
 
 def names(field: str, message: str | None) -> bool:
-    return re.search(rf"(?<![\w.]){re.escape(field)}(?![\w])", message or "") is not None
+    """``message`` mentions ``field`` as a word of its own."""
+    pattern = rf"(?<![\w.]){re.escape(field)}(?!\w)"
+    return re.search(pattern, message or "") is not None
 
 
-@pytest.mark.parametrize(
-    ("spoil", "status", "field"),
-    [pytest.param(*case[1:], id=case[0]) for case in CASES],
-)
+@pytest.mark.parametrize(("spoil", "status", "field"), CASES)
 async def test_bad_field_gets_its_status_and_a_message_naming_it(
     stub: TaskQueueStub, spoil: Spoil, status: Status, field: str
 ) -> None:

@@ -12,7 +12,7 @@ from taskqueue.server.config import Config
 from tests.support import rpc_server, target, worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "cafe"))
-import cafe_pb2  # noqa: E402
+import cafe_pb2
 
 METHOD = "/coffeemachine.CoffeeMachine/make_latte"
 

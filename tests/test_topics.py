@@ -199,9 +199,7 @@ def test_names_of_accepted_tasks_are_legal_kafka_topics(
         return
 
     names = [TOPICS.main(authority, queue), TOPICS.dlq(authority, queue)]
-    names += [
-        TOPICS.tier(authority, queue, t) for t in [*DEFAULT_TIERS, LONGEST_TIER]
-    ]
+    names += [TOPICS.tier(authority, queue, t) for t in [*DEFAULT_TIERS, LONGEST_TIER]]
     for name in names:
         assert KAFKA_LEGAL.fullmatch(name), name
         assert len(name) <= MAX_TOPIC_LENGTH, name

@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from taskqueue.server.tracker import OffsetTracker
 
 # Increasing offsets with gaps (compacted or transactional partitions skip some).
-offsets = st.lists(
-    st.integers(min_value=1, max_value=3), min_size=1, max_size=40
-).map(lambda steps: [sum(steps[: i + 1]) for i in range(len(steps))])
+offsets = st.lists(st.integers(min_value=1, max_value=3), min_size=1, max_size=40).map(
+    lambda steps: [sum(steps[: i + 1]) for i in range(len(steps))]
+)
 
 
 def expected_committable(taken: list[int], finished: set[int]) -> int | None:
@@ -46,7 +46,9 @@ def test_committable_is_always_the_lowest_unfinished_offset(
 
 
 @given(offsets.flatmap(lambda o: st.tuples(st.just(o), st.permutations(o))))
-def test_all_taken_then_finished_in_any_order(case: tuple[list[int], list[int]]) -> None:
+def test_all_taken_then_finished_in_any_order(
+    case: tuple[list[int], list[int]],
+) -> None:
     taken, order = case
     tracker = OffsetTracker()
     for offset in taken:

@@ -3,30 +3,25 @@
 isort:skip_file
 The example service that asks taskqueue to call it back later."""
 
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
 
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
-
 if sys.version_info >= (3, 11):
-    from typing import Never as _Never
-    from typing import TypeAlias as _TypeAlias
+    from typing import TypeAlias as _TypeAlias, Never as _Never
 else:
-    from typing import Never as _Never
-    from typing import TypeAlias as _TypeAlias
+    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _Size:
     ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType
+    V: _TypeAlias = ValueType  # noqa: Y015
 
-class _SizeEnumTypeWrapper(
-    _enum_type_wrapper._EnumTypeWrapper[_Size.ValueType], _builtins.type
-):
+class _SizeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Size.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     SMALL: _Size.ValueType  # 0
     MEDIUM: _Size.ValueType  # 1
@@ -37,7 +32,7 @@ class Size(_Size, metaclass=_SizeEnumTypeWrapper): ...
 SMALL: Size.ValueType  # 0
 MEDIUM: Size.ValueType  # 1
 LARGE: Size.ValueType  # 2
-Global___Size: _TypeAlias = Size
+Global___Size: _TypeAlias = Size  # noqa: Y015
 
 @_typing.final
 class LatteOrder(_message.Message):
@@ -56,12 +51,10 @@ class LatteOrder(_message.Message):
         temperature: _builtins.int = ...,
         sugar: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal[
-        "size", b"size", "sugar", b"sugar", "temperature", b"temperature"
-    ]
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["size", b"size", "sugar", b"sugar", "temperature", b"temperature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___LatteOrder: _TypeAlias = LatteOrder
+Global___LatteOrder: _TypeAlias = LatteOrder  # noqa: Y015

@@ -83,8 +83,11 @@ class TaskQueueService(TaskQueueBase):
                     timestamp_ms=now_ms,
                 )
         except TimeoutError:
+            # The record may still reach Kafka later: the producer cannot take
+            # it back. Idempotent enqueue by task id would make a retry safe.
             raise BrokerUnavailable(
-                f"Kafka did not acknowledge the task within {time_left_s:.1f}s"
+                f"Kafka did not acknowledge the task within {time_left_s:.1f}s; "
+                "it may still be stored"
             ) from None
 
         log.info(

@@ -80,6 +80,10 @@ class Worker:
             request_timeout_ms=int(kafka.request_timeout_s * 1000) + 30_000,
         )
 
+    def waiting_partitions(self) -> list[TopicPartition]:
+        """Partitions paused until their head record is due."""
+        return [p.tp for p in self._parts.values() if p.resume_at is not None]
+
     def stop(self) -> None:
         """Ask ``run`` to finish in-flight work, commit and return."""
         self._stopping.set()
@@ -173,6 +177,7 @@ class Worker:
             log.info("partition %s resumed", part.tp)
 
     def _start(self, part: _Partition, record: ConsumerRecord) -> None:
+        log.debug("took %s/%d", part.tp, record.offset)
         part.tracker.take(record.offset)
         taken = Taken(
             topic=record.topic,
@@ -205,7 +210,7 @@ class Worker:
                 "record %s/%d left unfinished: %r", part.tp, offset, done.exception()
             )
             return
-        if not part.lost:
+        if done.result() and not part.lost:
             part.tracker.finish(offset)
 
     async def _claim(self, part: _Partition, offset: int) -> bool:
