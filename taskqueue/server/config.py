@@ -5,7 +5,7 @@ stops start-up with a message naming the key, the section and the file.
 """
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from grpclib.const import Status
@@ -92,10 +92,61 @@ class WorkerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # Records taken from Kafka and not finished yet (calls, timers, writes).
     max_pending: Count = 1000
     max_poll_interval_s: Positive = 300.0
+    # A worker that stops heartbeating loses its partitions after this long.
+    session_timeout_s: Positive = 10.0
     commit_interval_s: Positive = 0.2
     shutdown_grace_s: Positive = 30.0
     # Open channels to targets; the least recently used is closed beyond it.
     channel_cache_size: Count = 64
+    # Records of one queue (one topic) pending at once; its partitions pause
+    # beyond it, so that a slow or flooded queue leaves room for the others.
+    max_pending_per_queue: Count = 200
+
+
+class AuthorityLimit(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Flow control for the authorities matching ``authority`` (fnmatch)."""
+
+    authority: str
+    # Calls in flight to one such authority at once.
+    concurrency: Count | None = None
+    # Calls started per second (a token bucket of ``burst`` tokens).
+    rate_per_s: Positive | None = None
+    burst: Count = 1
+
+
+class OverloadConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Backing off from an authority that says it is overloaded or down."""
+
+    # Consecutive RESOURCE_EXHAUSTED or UNAVAILABLE answers that pause it.
+    threshold: Count = 5
+    backoff_s: Positive = 1.0
+    max_backoff_s: Positive = 60.0
+
+
+class MetricsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The HTTP endpoint of a process: ``/metrics`` (Prometheus) and ``/healthz``."""
+
+    host: str = "127.0.0.1"
+    # None: not served. 0: any free port, logged at start-up, so that several
+    # processes on one host need no port each (`--metrics-port` overrides).
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+
+
+class HealthConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # How often the broker is probed (rpc) and the consumer lag measured (worker).
+    interval_s: Positive = 5.0
+    # A probe that takes longer counts as failed.
+    timeout_s: Positive = 3.0
+    # A worker is unhealthy when a partition it may fetch has lag and no
+    # record was taken or finished for this long; keep it above the longest
+    # deadline_s, since calls that hang until their deadline make no progress.
+    stuck_after_s: Positive = 120.0
+
+
+class LogsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # `--log-level` and `--log-format` override these.
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
 
 
 class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -106,6 +157,12 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     # Policy of queues not named in `queues`.
     queue_defaults: QueueConfig = msgspec.field(default_factory=QueueConfig)
     queues: dict[str, QueueConfig] = msgspec.field(default_factory=dict)
+    # First matching entry wins; an authority matching none has no own limit.
+    authority_limits: list[AuthorityLimit] = msgspec.field(default_factory=list)
+    overload: OverloadConfig = msgspec.field(default_factory=OverloadConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    logs: LogsConfig = msgspec.field(default_factory=LogsConfig)
     # host:port patterns (fnmatch) that may be called; nothing when empty.
     allow: list[str] = msgspec.field(default_factory=list)
 
@@ -129,6 +186,12 @@ def load(location: str = DEFAULT_LOCATION) -> Config:
     if not isinstance(sections, dict) or section not in sections:
         raise ConfigError(f"{path} has no section {section!r}")
     return from_dict(sections[section] or {}, origin=f"{path}@{section}")
+
+
+def with_metrics_port(config: Config, port: int) -> Config:
+    """``config`` with ``metrics.port`` replaced (``--metrics-port``)."""
+    metrics = msgspec.structs.replace(config.metrics, port=port)
+    return msgspec.structs.replace(config, metrics=metrics)
 
 
 def from_dict(data: object, origin: str = "<config>") -> Config:

@@ -22,8 +22,10 @@ from taskqueue.server.allowlist import Allowlist
 from taskqueue.server.config import Config
 from taskqueue.server.dispatcher import Call, Dispatcher
 from taskqueue.server.errors import BadRecord, BrokerUnavailable
+from taskqueue.server.flow import FlowControl
 from taskqueue.server.kafka import KafkaWriter
 from taskqueue.server.ladder import Ladder
+from taskqueue.server.metrics import IN_PLACE, MAIN, Metrics
 from taskqueue.server.policy import Failure, GiveUp, Policy
 from taskqueue.server.record import (
     HEADER_PREFIX,
@@ -35,7 +37,7 @@ from taskqueue.server.record import (
     header_name,
     to_headers,
 )
-from taskqueue.server.topics import DLQ, Topics, base_of
+from taskqueue.server.topics import DLQ, Topics, base_of, tier_of
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +104,17 @@ class Lifecycle:
         writer: KafkaWriter,
         dispatcher: Dispatcher,
         clock: Clock = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self._config = config
+        self._metrics = metrics or Metrics()
         self._writer = writer
         self._dispatcher = dispatcher
         self._clock = clock
         self._topics = Topics(config.topics.prefix)
         self._ladder = Ladder(config.topics.tiers)
         self._allowlist = Allowlist(config.allow)
-        self._slots = asyncio.Semaphore(config.worker.concurrency)
+        self._flow = FlowControl(config)
 
     async def process(self, job: Job) -> bool:
         """Take the job as far as it goes; True when its record is finished."""
@@ -195,11 +199,18 @@ class Lifecycle:
             metadata=self._metadata(task, state, attempt),
             deadline_s=self._deadline_s(task),
         )
-        async with self._slots:
+        async with self._flow.call(task.authority, job) as gate:
             if job.interrupted.is_set():
                 raise Interrupted  # waited for a slot through a shutdown
             log.debug("calling task %s attempt=%d", state.id, attempt)
-            failure = await self._dispatcher.call(call)
+            failure = await self._metrics.timed_call(
+                self._dispatcher.call(call),
+                task.authority,
+                task.method,
+                tier=tier_of(job.taken.topic) or MAIN,
+                late_s=self._clock() - state.due_ms / 1000,
+            )
+            gate.record(task.authority, failure.status if failure else None)
 
         if failure is None:
             log.info(
@@ -222,6 +233,8 @@ class Lifecycle:
             await self._dead_letter(job, task, state, decision.reason)
             return None
 
+        tier = self._ladder.tier_for(decision.delay_s)
+        self._metrics.retried(tier.name if tier else IN_PLACE)
         due_ms = int((self._clock() + decision.delay_s) * 1000)
         log.info(
             "task %s failed, retry in %.3fs authority=%s method=%s attempt=%d "
@@ -252,6 +265,7 @@ class Lifecycle:
         state = _replace(state, reason=reason)
         dlq = self._topics.dlq(task.authority, task.queue)
         await self._write(job, dlq, task, state)
+        self._metrics.dead_lettered(task.authority, task.queue)
         log.warning(
             "task %s dead-lettered authority=%s method=%s attempt=%d: %s",
             state.id,
@@ -269,6 +283,7 @@ class Lifecycle:
         headers.append((header_name("origin"), taken.where.encode()))
         topic = f"{base_of(taken.topic)}.{DLQ}"
         await self._write_raw(job, topic, taken.value or b"", headers, key=b"")
+        self._metrics.dead_lettered(*self._topics.authority_and_queue(taken.topic))
         log.warning("record %s dead-lettered: %s", taken.where, reason)
 
     async def _write(self, job: Job, topic: str, task: Task, state: State) -> None:

@@ -35,6 +35,11 @@ class OffsetTracker:
         self._wake()
 
     @property
+    def next_offset(self) -> int | None:
+        """The offset after the last one taken."""
+        return self._next
+
+    @property
     def pending(self) -> int:
         return len(self._open)
 

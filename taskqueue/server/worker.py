@@ -12,18 +12,23 @@ record; completions from before a rebalance are ignored.
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable
 from enum import StrEnum
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from aiokafka.coordinator.assignors.sticky.sticky_assignor import (
+    StickyPartitionAssignor,
+)
+from aiokafka.errors import IllegalStateError, KafkaError
 
 from taskqueue.server.config import Config
 from taskqueue.server.dispatcher import Dispatcher
 from taskqueue.server.kafka import KafkaWriter
 from taskqueue.server.ladder import Ladder
 from taskqueue.server.lifecycle import Job, Lifecycle, Taken
+from taskqueue.server.metrics import Metrics
 from taskqueue.server.topics import Topics, tier_of
 from taskqueue.server.tracker import OffsetTracker
 
@@ -54,18 +59,33 @@ class _Partition:
 
 
 class Worker:
-    def __init__(self, config: Config, tier: TierName) -> None:
+    def __init__(
+        self, config: Config, tier: TierName, metrics: Metrics | None = None
+    ) -> None:
         self._config = config
         self._tier = tier
         self._topics = Topics(config.topics.prefix)
         self._ladder = Ladder(config.topics.tiers)
         self._writer = KafkaWriter(config)
         self._dispatcher = Dispatcher(config.worker.channel_cache_size)
-        self._lifecycle = Lifecycle(config, self._writer, self._dispatcher)
+        self.metrics = metrics or Metrics()
+        self._lifecycle = Lifecycle(
+            config, self._writer, self._dispatcher, metrics=self.metrics
+        )
         self._consumer = self._make_consumer()
         self._parts: dict[TopicPartition, _Partition] = {}
+        # Revoked partitions, until the next assignment says if they return.
+        self._set_aside: dict[TopicPartition, _Partition] = {}
+        self._dropping: set[asyncio.Task[None]] = set()
+        # Jobs alive per topic: what the worker holds in memory.
+        self._live: Counter[str] = Counter()
         self._stopping = asyncio.Event()
         self._started = False
+        # Rebalances this worker went through (assignments received).
+        self.assignments = 0
+        # When a record was last taken or finished: the health probe's measure
+        # of a stuck consumer.
+        self._progress_s = time.monotonic()
 
     def _make_consumer(self) -> AIOKafkaConsumer:
         kafka, worker = self._config.kafka, self._config.worker
@@ -77,12 +97,46 @@ class Worker:
             auto_offset_reset="earliest",
             metadata_max_age_ms=int(kafka.metadata_max_age_s * 1000),
             max_poll_interval_ms=int(worker.max_poll_interval_s * 1000),
+            session_timeout_ms=int(worker.session_timeout_s * 1000),
+            # Partitions stay where they were across rebalances when they can,
+            # so a new queue does not move every other queue's work around.
+            partition_assignment_strategy=(StickyPartitionAssignor,),
+            heartbeat_interval_ms=int(worker.session_timeout_s * 1000 / 3),
             request_timeout_ms=int(kafka.request_timeout_s * 1000) + 30_000,
         )
+
+    def pending(self) -> int:
+        """Records taken from Kafka whose job is still alive."""
+        return self._live.total()
 
     def waiting_partitions(self) -> list[TopicPartition]:
         """Partitions paused until their head record is due."""
         return [p.tp for p in self._parts.values() if p.resume_at is not None]
+
+    def assigned_partitions(self) -> list[TopicPartition]:
+        return list(self._parts)
+
+    def idle_s(self) -> float:
+        """Seconds since a record was taken or finished, or partitions assigned."""
+        return time.monotonic() - self._progress_s
+
+    async def lag(self) -> dict[TopicPartition, int]:
+        """Records not finished yet per assigned partition (asks the broker)."""
+        tps = [tp for tp in self._parts if tp in self._consumer.assignment()]
+        if not tps:
+            return {}
+        ends = await self._consumer.end_offsets(tps)
+        lag = {}
+        for tp, end in ends.items():
+            part = self._parts.get(tp)
+            start = part.tracker.committable() if part is not None else None
+            try:
+                if start is None:  # nothing taken since it was assigned
+                    start = await self._consumer.position(tp)
+            except IllegalStateError:
+                continue  # revoked meanwhile
+            lag[tp] = max(0, end - start)
+        return lag
 
     def stop(self) -> None:
         """Ask ``run`` to finish in-flight work, commit and return."""
@@ -127,8 +181,10 @@ class Worker:
                 next_commit = time.monotonic() + commit_every_s
 
     def _room(self) -> int:
-        pending = sum(p.tracker.pending for p in self._parts.values())
-        return self._config.worker.max_pending - pending
+        return self._config.worker.max_pending - self._live.total()
+
+    def _queue_full(self, topic: str) -> bool:
+        return self._live[topic] >= self._config.worker.max_pending_per_queue
 
     def _apply_backpressure(self) -> None:
         """Pause what must wait; resume the rest."""
@@ -137,7 +193,8 @@ class Worker:
         for part in self._parts.values():
             if part.tp not in assigned:
                 continue  # a rebalance is under way
-            if full or part.resume_at is not None:
+            waiting = part.resume_at is not None
+            if full or waiting or self._queue_full(part.tp.topic):
                 self._consumer.pause(part.tp)
             else:
                 self._consumer.resume(part.tp)
@@ -153,6 +210,9 @@ class Worker:
         now_s = time.time()
 
         for record in records:
+            if self._queue_full(tp.topic):
+                self._consumer.seek(tp, record.offset)  # taken when there is room
+                return
             eligible_s = record.timestamp / 1000 + delay_s
             if eligible_s - now_s > PREFETCH_S:
                 self._wait_for_head(
@@ -179,6 +239,7 @@ class Worker:
     def _start(self, part: _Partition, record: ConsumerRecord) -> None:
         log.debug("took %s/%d", part.tp, record.offset)
         part.tracker.take(record.offset)
+        self._progress_s = time.monotonic()
         taken = Taken(
             topic=record.topic,
             partition=record.partition,
@@ -194,6 +255,7 @@ class Worker:
         job = Job(taken, claim)
         running = asyncio.create_task(self._lifecycle.process(job))
         part.jobs[running] = job
+        self._live[part.tp.topic] += 1
         running.add_done_callback(
             lambda done: self._finished(part, record.offset, done)
         )
@@ -202,6 +264,7 @@ class Worker:
         self, part: _Partition, offset: int, done: asyncio.Task[bool]
     ) -> None:
         part.jobs.pop(done, None)
+        self._live[part.tp.topic] -= 1
         if done.cancelled():
             return  # shutdown or revoke: left unfinished, read again later
         if done.exception() is not None:
@@ -212,6 +275,7 @@ class Worker:
             return
         if done.result() and not part.lost:
             part.tracker.finish(offset)
+            self._progress_s = time.monotonic()
 
     async def _claim(self, part: _Partition, offset: int) -> bool:
         """At-most-once: commit through ``offset`` before its call is made."""
@@ -226,6 +290,8 @@ class Worker:
             await self._commit_partition(part)
 
     async def _commit_partition(self, part: _Partition) -> bool:
+        if part.lost or part.tp not in self._consumer.assignment():
+            return False
         offset = part.tracker.committable()
         if offset is None or (part.committed is not None and offset <= part.committed):
             return True
@@ -237,39 +303,75 @@ class Worker:
         part.committed = offset
         return True
 
-    def _assigned(self, tps: Iterable[TopicPartition]) -> None:
+    async def _revoked(self, tps: Iterable[TopicPartition]) -> None:
+        """Commit what is finished and set the partitions aside.
+
+        Jobs go on meanwhile: with eager rebalancing every new queue revokes
+        everything, and most partitions come straight back to the same worker,
+        which then carries on where it was instead of calling again.
+        """
         for tp in tps:
-            self._parts[tp] = _Partition(tp)
+            part = self._parts.pop(tp, None)
+            if part is None:
+                continue
+            self._stop_waiting_for_head(part)
+            await self._commit_partition(part)
+            self._set_aside[tp] = part
+        log.info("revoked %s", sorted(str(tp) for tp in tps))
+
+    def _assigned(self, tps: Iterable[TopicPartition]) -> None:
+        self.assignments += 1
+        self._progress_s = time.monotonic()  # new partitions get time to start
+        for tp in tps:
+            part = self._set_aside.pop(tp, None)
+            if part is None:
+                part = _Partition(tp)
+            elif (resume_from := part.tracker.next_offset) is not None:
+                self._consumer.seek(tp, resume_from)
+            self._parts[tp] = part
+
+        gone = list(self._set_aside.values())
+        self._set_aside.clear()
+        if gone:
+            dropping = asyncio.create_task(self._drop(gone))
+            self._dropping.add(dropping)
+            dropping.add_done_callback(self._dropping.discard)
         log.info("assigned %s", sorted(str(tp) for tp in tps))
 
-    async def _revoked(self, tps: Iterable[TopicPartition]) -> None:
-        parts = [self._parts.pop(tp) for tp in tps if tp in self._parts]
-        await self._release(parts, REVOKE_WAIT_S)
-        log.info("revoked %s", sorted(str(p.tp) for p in parts))
-
-    async def _release(self, parts: list[_Partition], wait_s: float) -> None:
-        """Give partitions back: finish what can be finished, commit, forget."""
+    async def _drop(self, parts: list[_Partition]) -> None:
+        """Partitions another worker now owns: their new owner reads again
+        whatever is unfinished here, so stop it (calls under way may finish)."""
         for part in parts:
-            if part.resume_at is not None:
-                part.resume_at.cancel()
-                part.resume_at = None
+            part.lost = True
+        await self._stop_jobs(parts, REVOKE_WAIT_S)
+
+    def _stop_waiting_for_head(self, part: _Partition) -> None:
+        if part.resume_at is not None:
+            part.resume_at.cancel()
+            part.resume_at = None
+
+    async def _stop_jobs(self, parts: list[_Partition], wait_s: float) -> None:
+        """Interrupt what only waits, give calls ``wait_s``, cancel the rest."""
         running = [task for part in parts for task in part.jobs]
         for part in parts:
             for job in part.jobs.values():
-                job.interrupt()  # those that only wait stop at once
+                job.interrupt()
         if running:
             await asyncio.wait(running, timeout=wait_s)
-        for part in parts:
-            await self._commit_partition(part)
-            part.lost = True
-            for task in part.jobs:
-                task.cancel()
+        for task in running:
+            task.cancel()
 
     async def _shut_down(self) -> None:
         parts = list(self._parts.values())
-        self._parts.clear()
         self._consumer.pause(*self._consumer.assignment())
-        await self._release(parts, self._config.worker.shutdown_grace_s)
+        for part in parts:
+            self._stop_waiting_for_head(part)
+        await self._stop_jobs(
+            [*parts, *self._set_aside.values()], self._config.worker.shutdown_grace_s
+        )
+        await self._commit()
+        self._parts.clear()
+        await asyncio.gather(*self._dropping)
         await self._consumer.stop()
         log.info("worker for tier %s stopped", self._tier)
 

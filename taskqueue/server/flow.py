@@ -1,0 +1,149 @@
+"""Flow control for outgoing calls: global and per-authority limits.
+
+Every call takes a global slot (``worker.concurrency``), a slot of its
+authority (``authority_limits``), a token of the authority's rate limit, and
+waits out the authority's overload backoff: after ``overload.threshold``
+consecutive RESOURCE_EXHAUSTED or UNAVAILABLE answers the authority is left
+alone for a while, doubling up to ``overload.max_backoff_s``, instead of
+being sent doomed attempts that would only flood the retry tiers. Waiting
+jobs stay interruptible; while they wait, their queue's pending count grows
+and the worker pauses that queue's partitions, so other authorities go on.
+"""
+
+import asyncio
+import contextlib
+import fnmatch
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from grpclib.const import Status
+
+from taskqueue.server.config import AuthorityLimit, Config, OverloadConfig
+
+log = logging.getLogger(__name__)
+
+OVERLOAD = frozenset({Status.RESOURCE_EXHAUSTED, Status.UNAVAILABLE})
+# Gates kept for authorities seen; idle ones are dropped beyond this.
+MAX_GATES = 4096
+
+
+class Waiter(Protocol):
+    async def wait(self, seconds: float) -> None:
+        """Sleep, or raise if the job is taken back meanwhile."""
+
+
+class TokenBucket:
+    def __init__(self, rate_per_s: float, burst: int) -> None:
+        self._rate_per_s = rate_per_s
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._updated = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        elapsed = now - self._updated
+        self._tokens = min(self._burst, self._tokens + elapsed * self._rate_per_s)
+        self._updated = now
+
+    async def take(self, waiter: Waiter) -> None:
+        self._refill()
+        while self._tokens < 1:
+            await waiter.wait((1 - self._tokens) / self._rate_per_s)
+            self._refill()
+        self._tokens -= 1
+
+    @property
+    def full(self) -> bool:
+        self._refill()
+        return self._tokens >= self._burst
+
+
+class Gate:
+    """What one authority's calls pass through."""
+
+    def __init__(self, limit: AuthorityLimit | None, overload: OverloadConfig) -> None:
+        concurrency = limit.concurrency if limit else None
+        self._slots = asyncio.Semaphore(concurrency) if concurrency else None
+        rate = limit.rate_per_s if limit else None
+        self._bucket = TokenBucket(rate, limit.burst) if rate and limit else None
+        self._overload = overload
+        self._failures = 0
+        self._backoff_s = overload.backoff_s
+        self._closed_until = 0.0
+        self.users = 0
+
+    async def wait_open(self, waiter: Waiter) -> None:
+        while (left_s := self._closed_until - time.monotonic()) > 0:
+            await waiter.wait(left_s)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self._slots is None:
+            yield
+            return
+        async with self._slots:
+            yield
+
+    async def token(self, waiter: Waiter) -> None:
+        if self._bucket is not None:
+            await self._bucket.take(waiter)
+
+    def record(self, authority: str, status: Status | None) -> None:
+        """Note a call's outcome; back off after too many overload answers."""
+        if status not in OVERLOAD:
+            self._failures = 0
+            self._backoff_s = self._overload.backoff_s
+            return
+        self._failures += 1
+        if self._failures >= self._overload.threshold:
+            self._closed_until = time.monotonic() + self._backoff_s
+            log.warning(
+                "authority %s backed off for %.1fs after %d overload answers",
+                authority,
+                self._backoff_s,
+                self._failures,
+            )
+            self._backoff_s = min(self._backoff_s * 2, self._overload.max_backoff_s)
+
+    @property
+    def idle(self) -> bool:
+        backed_off = self._closed_until > time.monotonic()
+        full = self._bucket is None or self._bucket.full
+        return self.users == 0 and not backed_off and full and self._failures == 0
+
+
+class FlowControl:
+    def __init__(self, config: Config) -> None:
+        self._limits = config.authority_limits
+        self._overload = config.overload
+        self._slots = asyncio.Semaphore(config.worker.concurrency)
+        self._gates: dict[str, Gate] = {}
+
+    @contextlib.asynccontextmanager
+    async def call(self, authority: str, waiter: Waiter) -> AsyncIterator[Gate]:
+        """Hold everything one call to ``authority`` needs while it runs."""
+        gate = self._gate(authority)
+        gate.users += 1
+        try:
+            await gate.wait_open(waiter)
+            async with gate.slot(), self._slots:
+                await gate.token(waiter)
+                yield gate
+        finally:
+            gate.users -= 1
+
+    def _gate(self, authority: str) -> Gate:
+        gate = self._gates.get(authority)
+        if gate is None:
+            if len(self._gates) >= MAX_GATES:
+                self._gates = {a: g for a, g in self._gates.items() if not g.idle}
+            gate = self._gates[authority] = Gate(self._limit(authority), self._overload)
+        return gate
+
+    def _limit(self, authority: str) -> AuthorityLimit | None:
+        for limit in self._limits:
+            if fnmatch.fnmatchcase(authority.lower(), limit.authority.lower()):
+                return limit
+        return None
