@@ -8,11 +8,13 @@ that started it.
 import argparse
 import contextlib
 import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import uuid
@@ -202,12 +204,12 @@ def percentile(values: Sequence[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
     return ordered[rank - 1]
 
 
 def median(values: Sequence[float]) -> float:
-    return percentile(values, 50)
+    return statistics.median(values) if values else float("nan")
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

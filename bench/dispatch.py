@@ -159,6 +159,12 @@ class Phase:
     def per_call_us(self, cpu_s: float) -> float:
         return cpu_s / max(1, self.calls) * 1e6
 
+    @property
+    def total_cpu_us(self) -> float:
+        """Own, target and broker CPU per call: what one dispatch costs."""
+        cpu_s = self.own_cpu_s + self.target_cpu_s + self.broker_cpu_s
+        return self.per_call_us(cpu_s)
+
 
 @dataclass
 class Setup:
@@ -339,6 +345,13 @@ def report(phases: list[Phase], tasks: int) -> None:
     print(
         f"\nRATIO ours/baseline: {ours:,.0f} / {base:,.0f} calls/s = {ratio:.3f} "
         f"(target >= {TARGET_RATIO}: {verdict}); medians over rounds"
+    )
+    ours_cpu = _common.median([p.total_cpu_us for p in phases if p.side == OURS])
+    base_cpu = _common.median([p.total_cpu_us for p in phases if p.side == BASELINE])
+    print(
+        f"cpu ratio: {base_cpu:,.0f} / {ours_cpu:,.0f} us of CPU per call "
+        f"(baseline/ours, own+target+broker) = {base_cpu / ours_cpu:.3f}: the ratio "
+        "were the run CPU-bound and alone on the machine"
     )
     extra = [p for p in phases if p.calls != tasks]
     for p in extra:

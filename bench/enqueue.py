@@ -186,6 +186,12 @@ class Level:
     def per_call_us(self, cpu_s: float) -> float:
         return cpu_s / max(1, self.calls) * 1e6
 
+    @property
+    def total_cpu_us(self) -> float:
+        """Server, broker and client CPU per call: what one add costs."""
+        cpu_s = self.server_cpu_s + self.broker_cpu_s + self.client_cpu_s
+        return self.per_call_us(cpu_s)
+
 
 def make_task(payload: int) -> Task:
     # The authority is where taskqueue would call back; nobody needs to listen.
@@ -314,10 +320,22 @@ def report(results: dict[tuple[str, int], list[Level]], concurrency: list[int]) 
             _common.median([lv.rate for lv in results[(side, c)]])
             for side in (OURS, BASELINE, KAFKA_REF)
         )
+        ours_cpu, base_cpu = (
+            _common.median([lv.total_cpu_us for lv in results[(side, c)]])
+            for side in (OURS, BASELINE)
+        )
         ratio = ours / base
         verdict = "ok" if ratio >= TARGET_RATIO else "BELOW TARGET"
         ratio_rows.append(
-            [c, ours, base, f"{ratio:.3f}", verdict, ref, f"{ours / ref:.3f}"]
+            [
+                c,
+                ours,
+                base,
+                f"{ratio:.3f}",
+                verdict,
+                f"{ours / ref:.3f}",
+                f"{base_cpu / ours_cpu:.3f}",
+            ]
         )
     print(
         _common.table(
@@ -327,8 +345,8 @@ def report(results: dict[tuple[str, int], list[Level]], concurrency: list[int]) 
                 "baseline tasks/s",
                 "RATIO ours/baseline",
                 f">= {TARGET_RATIO}",
-                "grpclib+kafka tasks/s",
                 "ours/grpclib+kafka",
+                "cpu ratio",
             ],
             ratio_rows,
         )
@@ -336,7 +354,9 @@ def report(results: dict[tuple[str, int], list[Level]], concurrency: list[int]) 
     print(
         "\nbaseline: bare grpclib server, same Task/AddReply, replies at once. "
         "grpclib+kafka: the baseline plus one acks=all aiokafka write per task "
-        "(for reference, not the target). Medians over rounds."
+        "(for reference, not the target). cpu ratio: baseline's over ours' "
+        "server+broker+client CPU per call (what the ratio would be were the run "
+        "CPU-bound and alone on the machine). Medians over rounds."
     )
 
 

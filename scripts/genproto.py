@@ -27,7 +27,7 @@ class Target:
 TARGETS = (
     Target(
         "proto",
-        ("taskqueue/protobuf/service.proto",),
+        ("taskqueue/protobuf/service.proto", "taskqueue/protobuf/admin.proto"),
         ".",
         ("python", "pyi_mypy", "grpclib_python", "grpc_python", "mypy_grpc"),
     ),

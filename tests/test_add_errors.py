@@ -66,6 +66,21 @@ def metadata(key: str, value: str) -> Spoil:
     return spoil
 
 
+def many_metadata(count: int, value_chars: int) -> Spoil:
+    def spoil(task: Task) -> None:
+        for index in range(count):
+            task.metadata[f"k{index}"] = "v" * value_chars
+
+    return spoil
+
+
+def type_url(value: str) -> Spoil:
+    def spoil(task: Task) -> None:
+        task.argument.type_url = value
+
+    return spoil
+
+
 def no_argument(task: Task) -> None:
     task.ClearField("argument")
 
@@ -120,10 +135,16 @@ CASES = [
     case("method-no-name", setting("method", "/coffeemachine.Cafe"), "method"),
     case("method-extra", setting("method", "/a.B/c/d"), "method"),
     case("method-space", setting("method", "/a.B/make latte"), "method"),
+    case("method-empty-package-part", setting("method", "/a..B/c"), "method"),
+    case("method-trailing-dot", setting("method", "/a.B./c"), "method"),
     case("argument-missing", no_argument, "argument"),
     case("argument-no-type", argument_without_type, "argument"),
+    case("argument-type-url-long", type_url("t/" + "x" * 600), "argument.type_url"),
+    case("authority-port-digits", setting("authority", "h:" + "9" * 5000), "authority"),
     case("queue-space", setting("queue", "my queue"), "queue"),
     case("queue-dot", setting("queue", "a.b"), "queue"),
+    # Kafka would take "a_b" and "a.b" for one topic name.
+    case("queue-underscore", setting("queue", "a_b"), "queue"),
     case("queue-long", setting("queue", "q" * 65), "queue"),
     case("queue-dlq", setting("queue", "dlq"), "queue"),
     case("queue-retry-tier", setting("queue", "retry-5s"), "queue"),
@@ -140,12 +161,23 @@ CASES = [
     case("metadata-bin-key", metadata("blob-bin", "x"), "metadata"),
     case("metadata-non-ascii", metadata("tenant", "café"), "metadata"),
     case("metadata-newline", metadata("tenant", "a\nb"), "metadata"),
+    case("metadata-host", metadata("host", "internal.admin"), "metadata"),
+    case("metadata-te", metadata("te", "gzip"), "metadata"),
+    case("metadata-connection", metadata("connection", "close"), "metadata"),
+    case("metadata-trailing-space", metadata("tenant", "acme "), "metadata"),
+    case("metadata-long-key", metadata("k" * 129, "x"), "metadata"),
+    case("metadata-too-large", many_metadata(200, 8), "metadata"),
     case("id-bad-chars", setting("id", "order 42!"), "id"),
     case("id-too-long", setting("id", "i" * 129), "id"),
     case(
         "retry-too-many-attempts",
         retry(RetryPolicy(max_attempts=MAX_ATTEMPTS + 1)),
         "retry.max_attempts",
+    ),
+    case(
+        "retry-too-many-backoffs",
+        retry(RetryPolicy(backoff=[Duration(seconds=1)] * 101)),
+        "retry.backoff",
     ),
     case(
         "retry-negative-backoff",

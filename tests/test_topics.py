@@ -219,3 +219,37 @@ def test_queue_names_that_would_confuse_the_tier_suffix_are_refused(
 ) -> None:
     with pytest.raises(InvalidTask, match="queue"):
         check_queue(queue, 20)
+
+
+def kafka_collision_form(topic: str) -> str:
+    """What Kafka compares names by: '.' and '_' are the same to it."""
+    return topic.replace(".", "_")
+
+
+@given(st.lists(key, min_size=2, max_size=30, unique=True))
+@example([("h", 80, "1-q", None), ("h.80", 1, "q", None)])
+@example([("h", 80, "q-retry-5s", None), ("h", 80, "q", "retry-5s")])
+@example([(ipaddress.IPv6Address("::1"), 80, "q", None), ("ip6.0000", 1, "q", None)])
+def test_no_two_names_collide_for_kafka(keys: list[Key]) -> None:
+    names = [topic_of(k) for k in keys] + [TOPICS.replayed()]
+
+    assert len({kafka_collision_form(n) for n in names}) == len(names)
+
+
+def test_the_collision_underscores_made_is_refused() -> None:
+    # Authority h:80 with queue 1_q, and h.80:1 with queue q.
+    first, second = TOPICS.main("h:80", "1_q"), TOPICS.main("h.80:1", "q")
+    assert first != second
+    assert kafka_collision_form(first) == kafka_collision_form(second)
+
+    with pytest.raises(InvalidTask, match="queue"):
+        check_queue("1_q", len(first))
+    check_queue("q", len(second))
+
+
+@given(queue)
+def test_accepted_queue_names_have_no_underscore_or_dot(name: str) -> None:
+    check_queue(name, 20)
+
+    assert "_" not in name
+    assert "." not in name

@@ -4,16 +4,20 @@ The file is decoded into immutable msgspec structs; an unknown or mistyped key
 stops start-up with a message naming the key, the section and the file.
 """
 
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
 from grpclib.const import Status
 
+from taskqueue.server.allowlist import Allowlist
 from taskqueue.server.errors import ConfigError
 from taskqueue.server.ladder import parse_delay_s
 
 DEFAULT_LOCATION = "config.yaml@dev"
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
@@ -143,10 +147,79 @@ class HealthConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     stuck_after_s: Positive = 120.0
 
 
+class AdminConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Serve taskqueue.admin.Admin (pause, resume) beside add. Anyone who can
+    # reach the rpc port can then pause calls: enable it behind a network
+    # policy or where only operators reach that port, or list
+    # security.callers, and then only those marked admin may use it.
+    enabled: bool = False
+
+
 class LogsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     # `--log-level` and `--log-format` override these.
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
+
+
+class AllowRule(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """An ``allow`` entry that also limits the methods callable there."""
+
+    authority: str
+    # Method paths that may be called there, as shell patterns
+    # (/package.Service/*); every method when unset.
+    methods: Annotated[list[str], msgspec.Meta(min_length=1)] | None = None
+
+
+class RpcTlsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # PEM files of the rpc server's certificate chain and private key; the rpc
+    # server speaks TLS when they are set.
+    cert: str | None = None
+    key: str | None = None
+    # PEM bundle of the CAs that sign client certificates: with it, every
+    # caller must present such a certificate (mutual TLS).
+    client_ca: str | None = None
+
+
+class CallerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A caller of ``add``, known by the bearer token it presents."""
+
+    name: str
+    # The token's SHA-256 in hex, or a file holding the token itself (a
+    # mounted secret): never the token in this file.
+    token_sha256: str | None = None
+    token_file: str | None = None
+    # host:port patterns this caller may enqueue calls to, within `allow`;
+    # everything `allow` allows when empty.
+    authorities: list[str] = msgspec.field(default_factory=list)
+    # May use taskqueue.admin.Admin (pause, resume) when it is served.
+    admin: bool = False
+
+
+class OutgoingTlsConfig(
+    _Section, frozen=True, forbid_unknown_fields=True, kw_only=True
+):
+    """TLS for the calls to the authorities matching ``authority``."""
+
+    authority: str
+    # PEM bundle of the CAs that sign the targets' certificates; the system's
+    # trusted CAs when unset.
+    ca: str | None = None
+    # Client certificate chain and key, for targets that want mutual TLS.
+    cert: str | None = None
+    key: str | None = None
+    # The name the target's certificate must carry; the authority's host when
+    # unset.
+    server_name: str | None = None
+
+
+class SecurityConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    tls: RpcTlsConfig = msgspec.field(default_factory=RpcTlsConfig)
+    # When any caller is listed, `add` wants metadata `authorization: Bearer
+    # <token>` with one of their tokens.
+    callers: list[CallerConfig] = msgspec.field(default_factory=list)
+    # First matching entry wins; an authority matching none is called over
+    # plaintext HTTP/2.
+    outgoing_tls: list[OutgoingTlsConfig] = msgspec.field(default_factory=list)
 
 
 class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -163,8 +236,11 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     logs: LogsConfig = msgspec.field(default_factory=LogsConfig)
-    # host:port patterns (fnmatch) that may be called; nothing when empty.
-    allow: list[str] = msgspec.field(default_factory=list)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    # host:port patterns (* and ? are wildcards) that may be called, or
+    # {authority: PATTERN, methods: [PATTERN, ...]}; nothing when empty.
+    allow: list[str | AllowRule] = msgspec.field(default_factory=list)
+    security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
 
     def queue(self, name: str) -> QueueConfig:
         return self.queues.get(name, self.queue_defaults)
@@ -223,3 +299,49 @@ def _check(config: Config, origin: str) -> None:
         raise ConfigError(
             f"{origin}: a queue's deadline_s is not below worker.max_poll_interval_s"
         )
+    Allowlist(config.allow, where=f"{origin}: allow")
+    _check_security(config.security, origin)
+
+
+def _check_security(security: SecurityConfig, origin: str) -> None:
+    tls = security.tls
+    _pair(origin, "security.tls", tls.cert, tls.key)
+    if tls.client_ca is not None and tls.cert is None:
+        raise ConfigError(f"{origin}: security.tls.client_ca needs cert and key")
+    _readable(origin, "security.tls", cert=tls.cert, key=tls.key, ca=tls.client_ca)
+
+    names = [caller.name for caller in security.callers]
+    for index, caller in enumerate(security.callers):
+        where = f"security.callers[{index}]"
+        if names.count(caller.name) > 1:
+            raise ConfigError(f"{origin}: {where}: name {caller.name!r} is repeated")
+        if (caller.token_sha256 is None) == (caller.token_file is None):
+            raise ConfigError(
+                f"{origin}: {where}: set one of token_sha256 and token_file"
+            )
+        digest = caller.token_sha256
+        if digest is not None and not _SHA256_HEX.fullmatch(digest):
+            raise ConfigError(
+                f"{origin}: {where}.token_sha256 is not 64 hexadecimal digits"
+            )
+        _readable(origin, where, token_file=caller.token_file)
+        Allowlist(caller.authorities, where=f"{origin}: {where}.authorities")
+
+    for index, rule in enumerate(security.outgoing_tls):
+        where = f"security.outgoing_tls[{index}]"
+        Allowlist([rule.authority], where=f"{origin}: {where}.authority")
+        _pair(origin, where, rule.cert, rule.key)
+        _readable(origin, where, ca=rule.ca, cert=rule.cert, key=rule.key)
+
+
+def _pair(origin: str, where: str, cert: str | None, key: str | None) -> None:
+    if (cert is None) != (key is None):
+        raise ConfigError(f"{origin}: {where}: set both cert and key, or neither")
+
+
+def _readable(origin: str, where: str, **paths: str | None) -> None:
+    # Checked at load, so that a wrong path stops start-up with the key's name
+    # rather than failing the first connection.
+    for key, path in paths.items():
+        if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            raise ConfigError(f"{origin}: {where}.{key}: cannot read {path}")

@@ -3,9 +3,20 @@
 The argument's bytes are sent as they are, so taskqueue needs none of the
 target's proto modules. One channel (one HTTP/2 connection) per authority, kept
 in a bounded cache; the least recently used idle channel is closed beyond it.
+
+Every call is checked against the allowlist (authority and method) first, and
+every connection a channel makes goes only to addresses the allowlist checked
+right then: the host is resolved with the event loop's getaddrinfo, a name
+with any forbidden address is refused, and the socket is opened to the checked
+address itself, so that a name answering differently a moment later (DNS
+rebinding) cannot redirect it. Requests still carry the authority's name as
+``:authority``, and TLS verifies the certificate against that name (or the
+configured ``server_name``), not against the address.
 """
 
+import asyncio
 import logging
+import ssl
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,16 +24,30 @@ from typing import Any
 
 from google.rpc.error_details_pb2 import RetryInfo
 from grpclib.client import Channel, UnaryUnaryMethod
+from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.encoding.base import CodecBase
 from grpclib.encoding.proto import ProtoStatusDetailsCodec
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.protocol import H2Protocol
+from h2.events import RemoteSettingsChanged
 
+from taskqueue.server.allowlist import Allowlist, Resolver, parse
+from taskqueue.server.config import Config
+from taskqueue.server.errors import AuthorityNotAllowed
 from taskqueue.server.policy import Failure
+from taskqueue.server.tls import OutgoingTls, Tls
 
 log = logging.getLogger(__name__)
 
 MAX_FAILURE_MESSAGE = 1024
+# A connection with calls open is pinged this often, and dropped when a ping
+# goes unanswered (for this long at most): else a connection that went
+# silent (a black hole) would take every later call to its authority until
+# the operating system gives up on it. Servers refuse pings more frequent
+# than every 5 minutes by default (gRPC keepalive enforcement).
+KEEPALIVE_S = 300.0
+KEEPALIVE_TIMEOUT_S = 20.0
 
 
 class RawCodec(CodecBase):
@@ -54,21 +79,158 @@ class _Entry:
         self.users = 0
 
 
+class _SettledProtocol(H2Protocol):
+    """A connection that knows when the server's first SETTINGS frame came.
+
+    Until then the server's stream limit is unknown: requests sent meanwhile
+    can exceed it, and a server that enforces it from the start drops the
+    connection with every call on it (a cold channel given many calls at once).
+    """
+
+    def __init__(self, base: H2Protocol) -> None:
+        super().__init__(base.handler, base.config, base.h2_config)
+        self.settled = asyncio.Event()
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # grpclib has no hook for received settings; wrap its handler of them.
+        handle = self.processor.process_remote_settings_changed
+
+        def settings_changed(event: RemoteSettingsChanged) -> None:
+            handle(event)
+            self.settled.set()
+
+        self.processor.processors[RemoteSettingsChanged] = settings_changed
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self.lost = True
+        self.settled.set()
+
+
+class _GuardedChannel(Channel):
+    """A channel that connects only to addresses checked at connection time.
+
+    grpclib has no hook for this, so the subclass replaces its private
+    ``_create_connection`` (grpclib 0.4); tests/test_security_outgoing.py
+    fails should a grpclib release change it.
+    """
+
+    def __init__(
+        self,
+        authority: str,
+        guard: Allowlist,
+        tls: Tls | None,
+        resolver: Resolver | None,
+        codecs: tuple[CodecBase, ProtoStatusDetailsCodec],
+        *,
+        keepalive_s: float = KEEPALIVE_S,
+    ) -> None:
+        target = parse(authority)
+        host = target.host.removeprefix("[").removesuffix("]")
+        super().__init__(
+            host,
+            target.port,
+            codec=codecs[0],
+            status_details_codec=codecs[1],
+            ssl=tls.context if tls else None,
+            config=Configuration(
+                _keepalive_time=keepalive_s,
+                _keepalive_timeout=min(keepalive_s, KEEPALIVE_TIMEOUT_S),
+                _http2_min_sent_ping_interval_without_data=keepalive_s,
+            ),
+        )
+        self._checked_authority = authority
+        self._checked_port = target.port
+        self._guard = guard
+        self._resolver = resolver
+        self._tls_context: ssl.SSLContext | None = tls.context if tls else None
+        self._server_name = (tls.server_name or host) if tls else None
+
+    def _protocol_factory(self) -> H2Protocol:
+        return _SettledProtocol(super()._protocol_factory())
+
+    async def __connect__(self) -> H2Protocol:
+        """The connection, once the server's settings have come."""
+        protocol = await super().__connect__()
+        if isinstance(protocol, _SettledProtocol):
+            await protocol.settled.wait()  # the call's deadline bounds this
+            if protocol.lost:
+                raise ConnectionResetError(
+                    f"{self._checked_authority} closed the connection at once"
+                )
+        return protocol
+
+    async def _create_connection(self) -> H2Protocol:
+        loop = asyncio.get_running_loop()
+        addresses = await self._guard.resolve(
+            self._checked_authority, self._resolver or loop.getaddrinfo
+        )
+        error = OSError(f"no address of {self._checked_authority} answered")
+        # In order, as create_connection would, but only to checked addresses.
+        for address in addresses:
+            try:
+                _, protocol = await loop.create_connection(
+                    self._protocol_factory,
+                    address,
+                    self._checked_port,
+                    ssl=self._tls_context,
+                    server_hostname=self._server_name,
+                )
+            except OSError as exc:
+                error = exc
+            else:
+                return protocol
+        raise error
+
+
 class Dispatcher:
-    def __init__(self, cache_size: int = 64) -> None:
+    def __init__(
+        self,
+        cache_size: int = 64,
+        *,
+        allowlist: Allowlist | None = None,
+        tls: OutgoingTls | None = None,
+        resolver: Resolver | None = None,
+        keepalive_s: float = KEEPALIVE_S,
+    ) -> None:
+        """``allowlist`` None: no allowlist check, but forbidden addresses
+        (link-local, cloud metadata) are still never connected to.
+        ``resolver``: a stand-in for the event loop's getaddrinfo.
+        ``keepalive_s``: see KEEPALIVE_S."""
         self._cache_size = cache_size
+        self._keepalive_s = keepalive_s
         self._channels: OrderedDict[str, _Entry] = OrderedDict()
-        self._codec = RawCodec()
-        self._details_codec = ProtoStatusDetailsCodec()
+        self._codecs = (RawCodec(), ProtoStatusDetailsCodec())
+        self._allowlist = allowlist
+        self._guard = allowlist or Allowlist([])
+        self._tls = tls or OutgoingTls([])
+        self._resolver = resolver
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Dispatcher":
+        return cls(
+            config.worker.channel_cache_size,
+            allowlist=Allowlist(config.allow),
+            tls=OutgoingTls(config.security.outgoing_tls),
+        )
 
     async def call(self, call: Call) -> Failure | None:
         """Make the call; None when it succeeded, else how it failed."""
-        entry = self._checkout(call.authority)
+        try:
+            if self._allowlist is not None:
+                self._allowlist.check(call.authority, call.method)
+            entry = self._checkout(call.authority)
+        except AuthorityNotAllowed as exc:
+            return Failure(Status.PERMISSION_DENIED, _text(exc))
         try:
             method = UnaryUnaryMethod[bytes, bytes](
                 entry.channel, call.method, bytes, bytes
             )
             await method(call.body, timeout=call.deadline_s, metadata=call.metadata)
+        except AuthorityNotAllowed as exc:  # from the connection's address check
+            return Failure(Status.PERMISSION_DENIED, _text(exc))
         except GRPCError as exc:
             return _from_grpc_error(exc)
         except TimeoutError:
@@ -90,12 +252,13 @@ class Dispatcher:
     def _checkout(self, authority: str) -> _Entry:
         entry = self._channels.get(authority)
         if entry is None:
-            host, _, port = authority.rpartition(":")
-            channel = Channel(
-                host.removeprefix("[").removesuffix("]"),
-                int(port),
-                codec=self._codec,
-                status_details_codec=self._details_codec,
+            channel = _GuardedChannel(
+                authority,
+                self._guard,
+                self._tls.for_authority(authority),
+                self._resolver,
+                self._codecs,
+                keepalive_s=self._keepalive_s,
             )
             entry = self._channels[authority] = _Entry(channel)
         self._channels.move_to_end(authority)

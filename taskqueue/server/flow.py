@@ -47,12 +47,19 @@ class TokenBucket:
         self._tokens = min(self._burst, self._tokens + elapsed * self._rate_per_s)
         self._updated = now
 
-    async def take(self, waiter: Waiter) -> None:
+    async def ready(self, waiter: Waiter) -> None:
+        """Wait until a token is there, without taking it."""
         self._refill()
         while self._tokens < 1:
             await waiter.wait((1 - self._tokens) / self._rate_per_s)
             self._refill()
+
+    def take_now(self) -> bool:
+        self._refill()
+        if self._tokens < 1:
+            return False
         self._tokens -= 1
+        return True
 
     @property
     def full(self) -> bool:
@@ -86,9 +93,12 @@ class Gate:
         async with self._slots:
             yield
 
-    async def token(self, waiter: Waiter) -> None:
+    async def token_ready(self, waiter: Waiter) -> None:
         if self._bucket is not None:
-            await self._bucket.take(waiter)
+            await self._bucket.ready(waiter)
+
+    def take_token(self) -> bool:
+        return self._bucket is None or self._bucket.take_now()
 
     def record(self, authority: str, status: Status | None) -> None:
         """Note a call's outcome; back off after too many overload answers."""
@@ -96,9 +106,12 @@ class Gate:
             self._failures = 0
             self._backoff_s = self._overload.backoff_s
             return
+        now = time.monotonic()
+        if self._closed_until > now:
+            return  # answers to calls made before the back-off began
         self._failures += 1
         if self._failures >= self._overload.threshold:
-            self._closed_until = time.monotonic() + self._backoff_s
+            self._closed_until = now + self._backoff_s
             log.warning(
                 "authority %s backed off for %.1fs after %d overload answers",
                 authority,
@@ -128,11 +141,29 @@ class FlowControl:
         gate.users += 1
         try:
             await gate.wait_open(waiter)
-            async with gate.slot(), self._slots:
-                await gate.token(waiter)
-                yield gate
+            async with gate.slot():
+                await self._call_slot_and_token(gate, waiter)
+                try:
+                    yield gate
+                finally:
+                    self._slots.release()
         finally:
             gate.users -= 1
+
+    async def _call_slot_and_token(self, gate: Gate, waiter: Waiter) -> None:
+        """Take a call slot and a token of the authority's rate limit.
+
+        A call slot is never held while waiting for a token, else the calls
+        of one rate-limited authority would take every slot from the others.
+        The token is taken only with the slot in hand, so that calls kept
+        waiting for a slot cannot start in a burst beyond the rate.
+        """
+        while True:
+            await gate.token_ready(waiter)
+            await self._slots.acquire()
+            if gate.take_token():
+                return
+            self._slots.release()  # another call to the authority took it
 
     def _gate(self, authority: str) -> Gate:
         gate = self._gates.get(authority)

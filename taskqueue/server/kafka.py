@@ -15,7 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from taskqueue.server.config import Config
-from taskqueue.server.errors import BrokerUnavailable
+from taskqueue.server.errors import BrokerUnavailable, TopicRefused
 from taskqueue.server.ladder import Ladder
 from taskqueue.server.record import Headers
 from taskqueue.server.topics import DLQ, base_of, tier_of
@@ -23,6 +23,7 @@ from taskqueue.server.topics import DLQ, base_of, tier_of
 log = logging.getLogger(__name__)
 
 TOPIC_ALREADY_EXISTS = 36
+INVALID_TOPIC = 17
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +48,9 @@ class KafkaWriter:
             **common,
             acks="all",
             enable_idempotence=True,
-            linger_ms=2,
+            # No added wait: concurrent adds still share batches, since records
+            # pile up while the previous request to a partition is in flight.
+            linger_ms=0,
             max_request_size=config.rpc.max_message_bytes + 64 * 1024,
         )
         self._admin = AIOKafkaAdminClient(**common)
@@ -65,6 +68,20 @@ class KafkaWriter:
     async def stop(self) -> None:
         await self._producer.stop()
         await self._admin.close()
+
+    async def ping(self, timeout_s: float) -> bool:
+        """Whether a broker answers a metadata request within ``timeout_s``.
+
+        Asked of a broker each time, never answered from cached metadata, so
+        it fails as soon as the cluster is unreachable.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._admin.describe_cluster()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.debug("broker probe failed: %r", exc)
+            return False
+        return True
 
     async def write(
         self,
@@ -115,6 +132,10 @@ class KafkaWriter:
         ]
         response = await self._admin.create_topics(new)
         for name, code, *message in response.topic_errors:
+            if code == INVALID_TOPIC:
+                # Kafka's message names the topic it collides with.
+                detail = message[0] if message else "invalid topic name"
+                raise TopicRefused(f"Kafka refused topic {name}: {detail}")
             if code not in (0, TOPIC_ALREADY_EXISTS):
                 raise BrokerUnavailable(f"cannot create topic {name}: {code} {message}")
         log.info("topics of %s are ready", topics[0])

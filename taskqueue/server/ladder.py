@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from taskqueue.server.errors import ConfigError
+from taskqueue.server.topics import Topics
 
 _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 # At most 5 digits: validation keeps room for ".retry-99999d" in a topic name.
@@ -51,6 +52,16 @@ class Ladder:
                 break
             chosen = tier
         return chosen
+
+    def topic_for(
+        self, topics: Topics, authority: str, queue: str, wait_s: float
+    ) -> str:
+        """Where a task due ``wait_s`` from now is written: its main topic when
+        no tier fits (the worker waits out the rest), else the tier chosen."""
+        tier = self.tier_for(wait_s)
+        if tier is None:
+            return topics.main(authority, queue)
+        return topics.tier(authority, queue, tier.name)
 
     def delay_s(self, tier_name: str | None) -> float:
         """Delay of a topic's tier: 0 for a main topic or an unknown tier."""

@@ -20,11 +20,13 @@ import msgspec
 from taskqueue.protobuf.service_pb2 import AT_MOST_ONCE, Task
 from taskqueue.server.allowlist import Allowlist
 from taskqueue.server.config import Config
+from taskqueue.server.control import PauseBoard
 from taskqueue.server.dispatcher import Call, Dispatcher
 from taskqueue.server.errors import BadRecord, BrokerUnavailable
 from taskqueue.server.flow import FlowControl
 from taskqueue.server.kafka import KafkaWriter
 from taskqueue.server.ladder import Ladder
+from taskqueue.server.logs import TaskEvent, task_event
 from taskqueue.server.metrics import IN_PLACE, MAIN, Metrics
 from taskqueue.server.policy import Failure, GiveUp, Policy
 from taskqueue.server.record import (
@@ -51,6 +53,8 @@ class Interrupted(Exception):
 
 
 WRITE_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+# How often a record held by an operator's pause looks again.
+PAUSE_CHECK_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,10 +108,13 @@ class Lifecycle:
         writer: KafkaWriter,
         dispatcher: Dispatcher,
         clock: Clock = time.time,
+        *,
         metrics: Metrics | None = None,
+        pauses: PauseBoard | None = None,
     ) -> None:
         self._config = config
         self._metrics = metrics or Metrics()
+        self._pauses = pauses
         self._writer = writer
         self._dispatcher = dispatcher
         self._clock = clock
@@ -145,8 +152,9 @@ class Lifecycle:
             if await self._routed_onward(job, task, state, wait_s):
                 return
             await self._sleep_until(job, state.due_ms)
+            await self._while_paused(job, task)
 
-            if not self._allowlist.allows(task.authority):
+            if not self._allowlist.allows(task.authority, task.method):
                 reason = f"authority {task.authority} is not allowed"
                 await self._dead_letter(job, task, state, reason)
                 return
@@ -181,13 +189,10 @@ class Lifecycle:
             return
         failure = await self._call(job, task, state)
         if failure is not None:
-            log.warning(
-                "task %s failed (at-most-once, not retried) authority=%s method=%s "
-                "status=%s",
-                state.id,
-                task.authority,
-                task.method,
-                failure.status.name,
+            event = _event(job, task, state.id, state.attempt + 1)
+            # At-most-once: never retried, whatever the status.
+            task_event(
+                log, logging.WARNING, "failed", event, status=failure.status.name
             )
 
     async def _call(self, job: Job, task: Task, state: State) -> Failure | None:
@@ -213,12 +218,8 @@ class Lifecycle:
             gate.record(task.authority, failure.status if failure else None)
 
         if failure is None:
-            log.info(
-                "task %s succeeded authority=%s method=%s attempt=%d",
-                state.id,
-                task.authority,
-                task.method,
-                attempt,
+            task_event(
+                log, logging.INFO, "succeeded", _event(job, task, state.id, attempt)
             )
         return failure
 
@@ -236,15 +237,14 @@ class Lifecycle:
         tier = self._ladder.tier_for(decision.delay_s)
         self._metrics.retried(tier.name if tier else IN_PLACE)
         due_ms = int((self._clock() + decision.delay_s) * 1000)
-        log.info(
-            "task %s failed, retry in %.3fs authority=%s method=%s attempt=%d "
-            "status=%s",
-            state.id,
-            decision.delay_s,
-            task.authority,
-            task.method,
-            state.attempt,
-            failure.status.name,
+        task_event(
+            log,
+            logging.INFO,
+            "retrying",
+            _event(job, task, state.id, state.attempt),
+            status=failure.status.name,
+            delay_s=round(decision.delay_s, 3),
+            next_tier=tier.name if tier else IN_PLACE,
         )
         return _replace(state, due_ms=due_ms), decision.delay_s
 
@@ -266,14 +266,8 @@ class Lifecycle:
         dlq = self._topics.dlq(task.authority, task.queue)
         await self._write(job, dlq, task, state)
         self._metrics.dead_lettered(task.authority, task.queue)
-        log.warning(
-            "task %s dead-lettered authority=%s method=%s attempt=%d: %s",
-            state.id,
-            task.authority,
-            task.method,
-            state.attempt,
-            reason,
-        )
+        event = _event(job, task, state.id, state.attempt)
+        task_event(log, logging.WARNING, "dead-lettered", event, reason=reason)
 
     async def _dead_letter_raw(self, job: Job, reason: str) -> None:
         """Park a record we cannot read, byte for byte, with the reason."""
@@ -310,6 +304,13 @@ class Lifecycle:
                 log.warning("write to %s failed, again in %ss: %s", topic, delay_s, exc)
                 await job.wait(delay_s)
 
+    async def _while_paused(self, job: Job, task: Task) -> None:
+        """Hold a taken record while an operator pauses its queue."""
+        while self._pauses is not None and self._pauses.covers(
+            task.authority, task.queue
+        ):
+            await job.wait(PAUSE_CHECK_S)
+
     async def _sleep_until(self, job: Job, due_ms: int) -> None:
         # Timers may fire a hair early against the wall clock: check again.
         while (left_s := due_ms / 1000 - self._clock()) > 0:
@@ -332,6 +333,11 @@ class Lifecycle:
         if state.last_status:
             metadata["taskqueue-previous-status"] = state.last_status
         return metadata
+
+
+def _event(job: Job, task: Task, task_id: str, attempt: int) -> TaskEvent:
+    tier = tier_of(job.taken.topic) or MAIN
+    return TaskEvent(task_id, task.authority, task.method, attempt, task.queue, tier)
 
 
 def _replace(state: State, **changes: object) -> State:

@@ -7,59 +7,99 @@ Errors become gRPC statuses here and nowhere else.
 
 import asyncio
 import logging
+import struct
 import time
 from collections.abc import Callable
 
 from google.protobuf.message import DecodeError
-from grpclib.const import Status
+from grpclib.events import RecvRequest, listen
 from grpclib.exceptions import GRPCError
+from grpclib.health.service import Health
+from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server, Stream
 
+from taskqueue.protobuf.admin_grpc import AdminBase
 from taskqueue.protobuf.service_grpc import TaskQueueBase
 from taskqueue.protobuf.service_pb2 import AddReply, Task
 from taskqueue.server import validation
 from taskqueue.server.allowlist import Allowlist
+from taskqueue.server.auth import Caller, Callers
 from taskqueue.server.config import Config
-from taskqueue.server.errors import BrokerUnavailable, TaskQueueError
+from taskqueue.server.errors import BrokerUnavailable, InvalidTask, TaskQueueError
 from taskqueue.server.kafka import KafkaWriter
 from taskqueue.server.ladder import Ladder
+from taskqueue.server.logs import TaskEvent, task_event
+from taskqueue.server.metrics import MAIN, OK, Metrics
 from taskqueue.server.record import State, encode_task, to_headers
-from taskqueue.server.topics import Topics
+from taskqueue.server.topics import Topics, tier_of
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+# A gRPC message: a compressed flag byte and a 4-byte big-endian length.
+MESSAGE_PREFIX = struct.Struct(">BI")
+# Load balancers and orchestrators probe health without credentials.
+HEALTH_PATH = "/grpc.health.v1.Health/"
+ADMIN_PATH = "/taskqueue.admin.Admin/"
 
 
 class TaskQueueService(TaskQueueBase):
     def __init__(
-        self, config: Config, writer: KafkaWriter, clock: Clock = time.time
+        self,
+        config: Config,
+        writer: KafkaWriter,
+        clock: Clock = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self._config = config
+        self._metrics = metrics or Metrics()
         self._writer = writer
         self._clock = clock
         self._topics = Topics(config.topics.prefix)
         self._ladder = Ladder(config.topics.tiers)
         self._allowlist = Allowlist(config.allow)
+        self._callers = Callers(config.security.callers)
 
     async def add(self, stream: "Stream[Task, AddReply]") -> None:
         try:
-            task = await stream.recv_message()
-        except DecodeError:
-            raise GRPCError(
-                Status.INVALID_ARGUMENT,
-                "the request body is not a taskqueue.service.Task protobuf",
-            ) from None
-        if task is None:
-            raise GRPCError(Status.INVALID_ARGUMENT, "no Task in the request")
-
-        try:
-            reply = await self._add(task, self._time_left_s(stream))
+            # Before reading the body: an unknown caller costs us nothing more.
+            caller = self._callers.identify(stream.metadata or {})
+            task = await _receive(stream, self._config.rpc.max_message_bytes)
         except TaskQueueError as exc:
             log.info("add refused: %s: %s", exc.status.name, exc)
+            self._metrics.added("", exc.status.name)
             raise GRPCError(exc.status, str(exc)) from None
 
+        try:
+            reply = await self._add(task, caller, self._time_left_s(stream))
+        except TaskQueueError as exc:
+            log.info("add refused: %s: %s", exc.status.name, exc)
+            # Only a task Kafka refused got through validation; any other's
+            # queue is a name its caller made up, no label value.
+            queue = task.queue if isinstance(exc, BrokerUnavailable) else ""
+            self._metrics.added(queue, exc.status.name)
+            raise GRPCError(exc.status, str(exc)) from None
+
+        self._metrics.added(task.queue, OK)
         await stream.send_message(reply)
+
+    async def authenticate(self, event: RecvRequest) -> None:
+        """Refuse any request but a health check from an unknown caller.
+
+        Runs before every handler of the server, admin and reflection
+        included; ``add`` identifies its caller again for its authorities.
+        """
+        if event.method_name.startswith(HEALTH_PATH):
+            return
+        try:
+            caller = self._callers.identify(event.metadata)
+            if event.method_name.startswith(ADMIN_PATH):
+                caller.check_admin()
+        except TaskQueueError as exc:
+            log.info(
+                "request refused: %s %s: %s", event.method_name, exc.status.name, exc
+            )
+            raise GRPCError(exc.status, str(exc)) from None
 
     def _time_left_s(self, stream: "Stream[Task, AddReply]") -> float:
         limit_s = self._config.rpc.add_timeout_s
@@ -68,9 +108,9 @@ class TaskQueueService(TaskQueueBase):
             limit_s = min(limit_s, stream.deadline.time_remaining() * 0.9)
         return limit_s
 
-    async def _add(self, task: Task, time_left_s: float) -> AddReply:
+    async def _add(self, task: Task, caller: Caller, time_left_s: float) -> AddReply:
         now_ms = int(self._clock() * 1000)
-        state = self._prepare(task, now_ms)
+        state = self._prepare(task, caller, now_ms)
         topic = self._destination(task, state.due_ms, now_ms)
 
         try:
@@ -90,22 +130,21 @@ class TaskQueueService(TaskQueueBase):
                 "it may still be stored"
             ) from None
 
-        log.info(
-            "enqueued task %s authority=%s method=%s queue=%s due_in=%.3fs",
-            state.id,
-            task.authority,
-            task.method,
-            task.queue,
-            (state.due_ms - now_ms) / 1000,
+        tier = tier_of(topic) or MAIN
+        event = TaskEvent(state.id, task.authority, task.method, 0, task.queue, tier)
+        due_in_s = round((state.due_ms - now_ms) / 1000, 3)
+        task_event(
+            log, logging.INFO, "enqueued", event, due_in_s=due_in_s, caller=caller.name
         )
         return AddReply(id=state.id)
 
-    def _prepare(self, task: Task, now_ms: int) -> State:
+    def _prepare(self, task: Task, caller: Caller, now_ms: int) -> State:
         """Validate ``task`` and normalise it in place; return its first state."""
         rpc = self._config.rpc
         validation.check_authority(task.authority)
-        self._allowlist.check(task.authority)
         validation.check_method(task.method)
+        self._allowlist.check(task.authority, task.method)
+        caller.check_authority(task.authority)
         task.queue = task.queue or validation.DEFAULT_QUEUE
         topic = self._topics.main(task.authority, task.queue)
         validation.check_queue(task.queue, len(topic))
@@ -122,11 +161,46 @@ class TaskQueueService(TaskQueueBase):
         return State(id=task.id, due_ms=due_ms, added_ms=now_ms)
 
     def _destination(self, task: Task, due_ms: int, now_ms: int) -> str:
-        tier = self._ladder.tier_for((due_ms - now_ms) / 1000)
-        if tier is None:
-            return self._topics.main(task.authority, task.queue)
-        return self._topics.tier(task.authority, task.queue, tier.name)
+        wait_s = (due_ms - now_ms) / 1000
+        return self._ladder.topic_for(self._topics, task.authority, task.queue, wait_s)
 
 
-def make_server(service: TaskQueueService) -> Server:
-    return Server([service])
+async def _receive(stream: "Stream[Task, AddReply]", limit_bytes: int) -> Task:
+    """The request's Task; a larger one is refused before it is read.
+
+    grpclib's recv_message takes a message of whatever length its prefix
+    declares, all of it in memory, so any caller could make us hold gigabytes.
+    This reads the prefix first, through grpclib's private ``_stream``
+    (grpclib 0.4; test_security_fuzz.py sends oversized requests).
+    """
+    raw = stream._stream
+    try:
+        prefix = await raw.recv_data(MESSAGE_PREFIX.size)
+        if not prefix:
+            raise InvalidTask("no Task in the request")
+        compressed, size = MESSAGE_PREFIX.unpack(prefix)
+        if compressed:
+            raise InvalidTask("the Task is compressed; send it uncompressed")
+        if size > limit_bytes:
+            raise InvalidTask(
+                f"the request is {size} bytes; the limit is {limit_bytes} "
+                "(rpc.max_message_bytes)"
+            )
+        body = await raw.recv_data(size)
+    except AssertionError:  # grpclib's way of saying the stream ended early
+        raise InvalidTask("the request ended inside its Task") from None
+    try:
+        return Task.FromString(body)
+    except DecodeError:
+        raise InvalidTask(
+            "the request body is not a taskqueue.service.Task protobuf"
+        ) from None
+
+
+def make_server(
+    service: TaskQueueService, *others: TaskQueueBase | Health | AdminBase
+) -> Server:
+    """``add`` and ``others`` (health, admin), all described by reflection."""
+    server = Server(ServerReflection.extend([service, *others]))
+    listen(server, RecvRequest, service.authenticate)
+    return server

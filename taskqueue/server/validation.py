@@ -14,7 +14,13 @@ DEFAULT_QUEUE = "default"
 # Room kept for the record's key, headers and the rest of the Task.
 HEADER_ROOM_BYTES = 16 * 1024
 MAX_METHOD_CHARS = 512
-MAX_METADATA_BYTES = 8 * 1024
+MAX_TYPE_URL_CHARS = 512
+# Counted as HTTP/2 counts a header list (key + value + 32 per entry), so that
+# with taskqueue's own headers a call stays under the 8 KiB of metadata that
+# gRPC servers accept by default.
+MAX_METADATA_BYTES = 6 * 1024
+METADATA_ENTRY_OVERHEAD = 32
+MAX_BACKOFF_STEPS = 100
 MAX_ATTEMPTS = 1000
 # No horizon of our own; this only keeps times inside int64 milliseconds.
 MAX_DELAY_S = 1000 * 365 * 86400
@@ -22,24 +28,45 @@ MAX_DELAY_S = 1000 * 365 * 86400
 TIER_SUFFIX_ROOM = len(".retry-99999d")
 
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-_METHOD = re.compile(r"/[A-Za-z_][A-Za-z0-9_.]*/[A-Za-z_][A-Za-z0-9_]*")
-_METADATA_KEY = re.compile(r"[a-z0-9_.-]+")
+_PORT = re.compile(r"[0-9]{1,5}")
+_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
+# /package.Service/Method: a dotted protobuf full name, then a method name.
+_METHOD = re.compile(rf"/(?:{_IDENTIFIER}\.)*{_IDENTIFIER}/{_IDENTIFIER}")
+_METADATA_KEY = re.compile(r"[a-z0-9_.-]{1,128}")
 _TASK_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _RESERVED_METADATA = ("grpc-", "taskqueue-", ":")
+# Headers of the HTTP/2 request itself: sent as metadata they would break the
+# call (connection-specific ones are a protocol error) or change how proxies
+# in front of the target route it (host).
+_RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "content-type",
+        "content-length",
+        "te",
+        "user-agent",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 
 
 def check_authority(authority: str) -> None:
     host, sep, port = authority.rpartition(":")
     if not sep or not host:
-        raise InvalidTask(f"authority {authority!r} is not host:port")
-    # isascii: str.isdigit() also takes digits like "²" or "٨" that int()
-    # refuses or Kafka topic names cannot hold.
-    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        raise InvalidTask(f"authority {authority!r} has no valid port (1-65535)")
+        raise InvalidTask(f"authority {authority[:300]!r} is not host:port")
+    # ASCII digits only: str.isdigit() also takes "²" or "٨", which int()
+    # refuses or Kafka topic names cannot hold; at most 5 of them, since int()
+    # refuses thousands.
+    if not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
+        raise InvalidTask(f"authority {authority[:300]!r} has no valid port (1-65535)")
     if host.startswith("["):
         _check_ipv6(authority, host)
     elif not _is_hostname(host):
-        raise InvalidTask(f"authority {authority!r} has an invalid host name")
+        raise InvalidTask(f"authority {authority[:300]!r} has an invalid host name")
 
 
 def _check_ipv6(authority: str, host: str) -> None:
@@ -70,7 +97,7 @@ def check_method(method: str) -> None:
 def check_queue(queue: str, topic_length: int) -> None:
     if not QUEUE_RE.fullmatch(queue) or is_reserved_queue(queue):
         raise InvalidTask(
-            f"queue {queue[:80]!r} must be 1-64 of A-Z a-z 0-9 _ - "
+            f"queue {queue[:80]!r} must be 1-64 of A-Z a-z 0-9 - "
             "and not 'dlq' or 'retry-<delay>'"
         )
     if topic_length + TIER_SUFFIX_ROOM > MAX_TOPIC_LENGTH:
@@ -82,6 +109,12 @@ def check_queue(queue: str, topic_length: int) -> None:
 def check_argument(task: Task, max_message_bytes: int) -> None:
     if not task.HasField("argument") or not task.argument.type_url:
         raise InvalidTask("argument is required (a google.protobuf.Any with type_url)")
+    type_url = task.argument.type_url
+    if len(type_url) > MAX_TYPE_URL_CHARS or not type_url.isprintable():
+        raise InvalidTask(
+            f"argument.type_url must be at most {MAX_TYPE_URL_CHARS} printable "
+            "characters"
+        )
     limit = max_message_bytes - HEADER_ROOM_BYTES
     if len(task.argument.value) > limit:
         raise InvalidTask(
@@ -96,16 +129,21 @@ def check_metadata(task: Task) -> None:
     for key, value in task.metadata.items():
         if not _METADATA_KEY.fullmatch(key) or key.endswith("-bin"):
             raise InvalidTask(
-                f"metadata key {key[:80]!r} must be lowercase a-z 0-9 _ . -"
+                f"metadata key {key[:80]!r} must be 1-128 of lowercase a-z 0-9 _ . -"
             )
-        if key.startswith(_RESERVED_METADATA):
+        if key.startswith(_RESERVED_METADATA) or key in _RESERVED_HEADERS:
             raise InvalidTask(f"metadata key {key!r} is reserved")
-        if not value.isascii() or not value.isprintable():
-            raise InvalidTask(f"metadata value of {key!r} must be printable ASCII")
-        size += len(key) + len(value)
+        # Never the value itself in the message: it may be a credential.
+        if not value.isascii() or not value.isprintable() or value != value.strip():
+            raise InvalidTask(
+                f"metadata value of {key!r} must be printable ASCII without "
+                "leading or trailing spaces"
+            )
+        size += len(key) + len(value) + METADATA_ENTRY_OVERHEAD
     if size > MAX_METADATA_BYTES:
         raise InvalidTask(
-            f"metadata is {size} bytes; the limit is {MAX_METADATA_BYTES}"
+            f"metadata is {size} bytes (with {METADATA_ENTRY_OVERHEAD} per entry); "
+            f"the limit is {MAX_METADATA_BYTES}"
         )
 
 
@@ -143,6 +181,8 @@ def check_retry(task: Task) -> None:
     retry = task.retry
     if retry.max_attempts > MAX_ATTEMPTS:
         raise InvalidTask(f"retry.max_attempts is above {MAX_ATTEMPTS}")
+    if len(retry.backoff) > MAX_BACKOFF_STEPS:
+        raise InvalidTask(f"retry.backoff has more than {MAX_BACKOFF_STEPS} delays")
     for delay in retry.backoff:
         if _seconds(delay, "retry.backoff") < 0:
             raise InvalidTask("retry.backoff delays must not be negative")

@@ -24,6 +24,7 @@ from aiokafka.coordinator.assignors.sticky.sticky_assignor import (
 from aiokafka.errors import IllegalStateError, KafkaError
 
 from taskqueue.server.config import Config
+from taskqueue.server.control import PauseBoard
 from taskqueue.server.dispatcher import Dispatcher
 from taskqueue.server.kafka import KafkaWriter
 from taskqueue.server.ladder import Ladder
@@ -67,10 +68,16 @@ class Worker:
         self._topics = Topics(config.topics.prefix)
         self._ladder = Ladder(config.topics.tiers)
         self._writer = KafkaWriter(config)
-        self._dispatcher = Dispatcher(config.worker.channel_cache_size)
+        self._dispatcher = Dispatcher.from_config(config)
         self.metrics = metrics or Metrics()
+        # Queues and authorities an operator paused (taskqueue.admin.Admin).
+        self._pauses = PauseBoard(config)
         self._lifecycle = Lifecycle(
-            config, self._writer, self._dispatcher, metrics=self.metrics
+            config,
+            self._writer,
+            self._dispatcher,
+            metrics=self.metrics,
+            pauses=self._pauses,
         )
         self._consumer = self._make_consumer()
         self._parts: dict[TopicPartition, _Partition] = {}
@@ -116,6 +123,10 @@ class Worker:
     def assigned_partitions(self) -> list[TopicPartition]:
         return list(self._parts)
 
+    def held_partitions(self) -> list[TopicPartition]:
+        """Partitions of queues an operator paused."""
+        return [tp for tp in self._parts if self._pauses.covers_topic(tp.topic)]
+
     def idle_s(self) -> float:
         """Seconds since a record was taken or finished, or partitions assigned."""
         return time.monotonic() - self._progress_s
@@ -149,12 +160,14 @@ class Worker:
 
         await self._writer.start()
         try:
+            await self._pauses.start()  # before any record is taken
             await self._consumer.start()
             try:
                 await self._consume()
             finally:
                 await self._shut_down()
         finally:
+            await self._pauses.stop()
             await self._dispatcher.close()
             await self._writer.stop()
 
@@ -172,7 +185,7 @@ class Worker:
         while not self._stopping.is_set():
             self._apply_backpressure()
             batches = await self._consumer.getmany(
-                timeout_ms=POLL_TIMEOUT_MS, max_records=max(1, self._room())
+                timeout_ms=POLL_TIMEOUT_MS, max_records=self._batch_size()
             )
             for tp, records in batches.items():
                 self._take(tp, records)
@@ -182,6 +195,14 @@ class Worker:
 
     def _room(self) -> int:
         return self._config.worker.max_pending - self._live.total()
+
+    def _batch_size(self) -> int:
+        """Records to ask for: no more than there is room for, so that few
+        are handed back (a seek back drops the partition's prefetched data)."""
+        per_queue = self._config.worker.max_pending_per_queue
+        topics = {tp.topic for tp in self._parts}
+        queue_room = max((per_queue - self._live[t] for t in topics), default=per_queue)
+        return max(1, min(self._room(), queue_room))
 
     def _queue_full(self, topic: str) -> bool:
         return self._live[topic] >= self._config.worker.max_pending_per_queue
@@ -194,7 +215,8 @@ class Worker:
             if part.tp not in assigned:
                 continue  # a rebalance is under way
             waiting = part.resume_at is not None
-            if full or waiting or self._queue_full(part.tp.topic):
+            held = self._pauses.covers_topic(part.tp.topic)
+            if full or waiting or held or self._queue_full(part.tp.topic):
                 self._consumer.pause(part.tp)
             else:
                 self._consumer.resume(part.tp)
@@ -210,8 +232,9 @@ class Worker:
         now_s = time.time()
 
         for record in records:
-            if self._queue_full(tp.topic):
-                self._consumer.seek(tp, record.offset)  # taken when there is room
+            if self._queue_full(tp.topic) or self._pauses.covers_topic(tp.topic):
+                # Taken when there is room, or when an operator resumes it.
+                self._consumer.seek(tp, record.offset)
                 return
             eligible_s = record.timestamp / 1000 + delay_s
             if eligible_s - now_s > PREFETCH_S:
