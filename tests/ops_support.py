@@ -34,7 +34,7 @@ def ops_config(bootstrap: str, **sections: object) -> Config:
 
 
 async def _bound(
-    running: "asyncio.Task[None]", *futures: "asyncio.Future[int]"
+    running: "asyncio.Task[Any]", *futures: "asyncio.Future[int]"
 ) -> list[int]:
     """The ports once all are bound; the task's error if it stops first."""
     async with asyncio.timeout(START_TIMEOUT_S):

@@ -16,8 +16,10 @@ from grpclib.client import Channel
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
+from taskqueue.server.app import run_worker
 from taskqueue.server.config import HealthConfig
 from taskqueue.server.health import Probe, Verdict
+from taskqueue.server.worker import TierName, Worker
 from tests.ops_support import (
     add,
     http_get,
@@ -112,7 +114,12 @@ async def test_worker_is_unhealthy_while_stuck_and_recovers(
         kafka_bootstrap,
         kafka={"partitions": 1},
         worker={"concurrency": 1, "max_pending": 1},
-        health={"interval_s": 0.2, "timeout_s": 2, "stuck_after_s": 1},
+        health={
+            "interval_s": 0.2,
+            "timeout_s": 2,
+            "stuck_after_s": 1,
+            "exit_when_stuck": False,
+        },
     )
     release = asyncio.Event()
 
@@ -136,6 +143,38 @@ async def test_worker_is_unhealthy_while_stuck_and_recovers(
     assert stuck["healthy"] is False
     assert str(stuck["detail"]).startswith("stuck: 1 partition(s) have lag")
     assert recovered["healthy"] is True
+
+
+async def test_a_stuck_worker_stops_itself_for_its_supervisor(
+    kafka_bootstrap: str,
+) -> None:
+    """With exit_when_stuck (the default) the worker gives up, and the CLI
+    turns that into exit code 3."""
+    config = ops_config(
+        kafka_bootstrap,
+        kafka={"partitions": 1},
+        worker={"concurrency": 1, "max_pending": 1, "shutdown_grace_s": 1},
+        health={"interval_s": 0.2, "timeout_s": 2, "stuck_after_s": 1},
+    )
+    release = asyncio.Event()
+
+    async def hold(_: Received) -> None:
+        await release.wait()
+
+    async with target(hold) as cafe, rpc_with_metrics(config) as (port, _):
+        worker = Worker(config, TierName.MAIN)
+        running = asyncio.create_task(run_worker(config, worker))
+        try:
+            for _ in range(3):
+                await add(port, task(cafe.authority))
+            async with asyncio.timeout(FLIP_TIMEOUT_S):
+                gave_up = await asyncio.shield(running)
+        finally:
+            release.set()
+            worker.stop()
+            await running
+
+    assert gave_up is True
 
 
 async def wait_healthz(port: int, code: int) -> dict[str, object]:

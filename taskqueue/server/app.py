@@ -24,6 +24,7 @@ from taskqueue.server.worker import TierName, Worker
 log = logging.getLogger(__name__)
 
 EXIT_FORCED = 130
+EXIT_STUCK = 3
 
 
 def _on_signals(first: Callable[[], None]) -> None:
@@ -138,18 +139,21 @@ def _bound_port(server: object) -> int:
 async def serve_worker(config: Config, tier: TierName) -> None:
     worker = Worker(config, tier)
     _on_signals(worker.stop)
-    await run_worker(config, worker)
+    if await run_worker(config, worker):
+        raise SystemExit(EXIT_STUCK)
 
 
 async def run_worker(
     config: Config,
     worker: Worker,
     metrics_ready: Callable[[int], None] | None = None,
-) -> None:
-    """Run ``worker`` (until its ``stop()``) with its health probe and metrics."""
+) -> bool:
+    """Run ``worker`` (until its ``stop()``) with its health probe and metrics;
+    True when it was stopped because it was stuck."""
     probe = WorkerProbe(worker, config.health)
     async with (
         probe.running(),
         _metrics_served(config, worker.metrics, probe.verdict, metrics_ready),
     ):
         await worker.run()
+    return probe.gave_up

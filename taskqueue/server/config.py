@@ -145,6 +145,9 @@ class HealthConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # record was taken or finished for this long; keep it above the longest
     # deadline_s, since calls that hang until their deadline make no progress.
     stuck_after_s: Positive = 120.0
+    # A stuck worker stops and exits with code 3, so that its supervisor
+    # starts a fresh one; false leaves it to a probe of /healthz.
+    exit_when_stuck: bool = True
 
 
 class AdminConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -146,6 +146,7 @@ class WorkerProbe(Probe):
         super().__init__(config)
         self._worker = worker
         self._lag: dict[TopicPartition, int] = {}
+        self.gave_up = False
 
     async def check(self) -> Verdict:
         await self._measure_lag()
@@ -162,9 +163,18 @@ class WorkerProbe(Probe):
                 f"stuck: {len(behind)} partition(s) have lag and no record was "
                 f"taken or finished for {idle_s:.0f}s"
             )
+            self._give_up(detail)
             return Verdict(False, detail, time.monotonic())
         detail = f"{len(assigned)} partition(s), {sum(lag.values())} record(s) behind"
         return Verdict(True, detail, time.monotonic())
+
+    def _give_up(self, detail: str) -> None:
+        if self._config.exit_when_stuck and not self.gave_up:
+            # Nothing in this process has unstuck it for stuck_after_s; a
+            # fresh process with a fresh consumer is the recovery left.
+            log.error("worker stopping: %s", detail)
+            self.gave_up = True
+            self._worker.stop()
 
     async def _measure_lag(self) -> None:
         try:
