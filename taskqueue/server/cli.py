@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from aiokafka.errors import KafkaError
 from rich.console import Console
 
 from taskqueue.server import app as processes
@@ -21,6 +22,7 @@ from taskqueue.server.errors import BadArgument, ConfigError, TaskQueueError
 from taskqueue.server.replay import ReplayOptions
 from taskqueue.server.worker import TierName
 
+EXIT_FAILED = 1
 EXIT_CONFIG = 2
 
 cli = typer.Typer(
@@ -91,7 +93,7 @@ def rpc(
     Example: taskqueue rpc --config config.yaml@dev --metrics-port 9464
     """
     loaded = _load(config, log_level, log_format, metrics_port)
-    asyncio.run(processes.serve_rpc(loaded))
+    _serve(processes.serve_rpc(loaded), loaded)
 
 
 @cli.command()
@@ -110,7 +112,20 @@ def worker(
     --metrics-port 9465
     """
     loaded = _load(config, log_level, log_format, metrics_port)
-    asyncio.run(processes.serve_worker(loaded, tier))
+    _serve(processes.serve_worker(loaded, tier), loaded)
+
+
+def _serve(main: Coroutine[Any, Any, None], loaded: config_module.Config) -> None:
+    """Run a process; what stops it at start-up is one line, not a traceback."""
+    try:
+        asyncio.run(main)
+    except ConfigError as exc:  # e.g. a certificate file that is no PEM
+        typer.echo(f"taskqueue: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+    except KafkaError as exc:
+        bootstrap = loaded.kafka.bootstrap_servers
+        typer.echo(f"taskqueue: Kafka at {bootstrap} failed: {exc}", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
 
 
 # ------------------------------------------------------------------ dlq

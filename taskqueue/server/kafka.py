@@ -62,8 +62,12 @@ class KafkaWriter:
         if self._started:
             raise RuntimeError("KafkaWriter already started")
         self._started = True
-        await self._producer.start()
-        await self._admin.start()
+        try:
+            await self._producer.start()
+            await self._admin.start()
+        except BaseException:
+            await self.stop()  # a half-started client still holds sockets
+            raise
 
     async def stop(self) -> None:
         await self._producer.stop()

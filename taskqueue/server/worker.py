@@ -158,8 +158,8 @@ class Worker:
             raise RuntimeError("a Worker runs once")
         self._started = True
 
-        await self._writer.start()
         try:
+            await self._writer.start()
             await self._pauses.start()  # before any record is taken
             await self._consumer.start()
             try:
@@ -167,6 +167,7 @@ class Worker:
             finally:
                 await self._shut_down()
         finally:
+            await self._consumer.stop()  # again after _shut_down: a no-op then
             await self._pauses.stop()
             await self._dispatcher.close()
             await self._writer.stop()
