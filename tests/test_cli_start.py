@@ -1,5 +1,6 @@
 """Processes that cannot start say why in one line and exit with a code."""
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -55,4 +56,31 @@ def test_unknown_config_key_is_exit_2(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "bootstrap_server" in done.stderr
     assert f"{config}@dev" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_taken_port_is_one_line_and_exit_1(
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            f"dev:\n  kafka: {{bootstrap_servers: '{kafka_bootstrap}'}}\n"
+            f"  rpc: {{port: {port}}}\n"
+        )
+
+        done = subprocess.run(
+            [sys.executable, "-m", "taskqueue.server", "rpc", "-c", f"{config}@dev"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    assert done.returncode == 1
+    assert "address already in use" in done.stderr
     assert "Traceback" not in done.stderr

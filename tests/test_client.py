@@ -13,7 +13,7 @@ from google.protobuf.empty_pb2 import Empty
 from grpclib.client import Channel
 
 from taskqueue.client.queue import QueueStub, TaskMethod
-from taskqueue.protobuf.service_pb2 import AT_LEAST_ONCE, AT_MOST_ONCE
+from taskqueue.protobuf.service_pb2 import AT_LEAST_ONCE, AT_MOST_ONCE, RetryPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,6 +105,15 @@ async def test_deadline_delivery_metadata_queue_and_id(queue: QueueStub) -> None
     assert task.deadline == Duration(seconds=10)
     assert dict(task.metadata) == {"tenant": "acme"}
     assert task.id == "order-42"
+
+
+async def test_a_retry_policy_of_its_own(queue: QueueStub) -> None:
+    policy = RetryPolicy(max_attempts=3, backoff=[Duration(seconds=2)])
+
+    task = make_latte(queue).task(ORDER, retry=policy)
+
+    assert task.retry == policy
+    assert not make_latte(queue).task(ORDER).HasField("retry")
 
 
 async def test_a_float_deadline(queue: QueueStub) -> None:

@@ -131,7 +131,7 @@ def test_a_missing_section_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         load(f"{path}@prod")
 
-    assert str(raised.value) == f"{path} has no section 'prod'"
+    assert str(raised.value) == f"{path} has no section 'prod' (it has: dev)"
 
 
 def test_a_missing_file_is_named(tmp_path: Path) -> None:

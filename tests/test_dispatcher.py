@@ -781,3 +781,29 @@ async def test_a_rate_limited_authority_holds_no_call_slot_while_it_waits() -> N
             await server.stop()
 
     assert attempt.failure is None
+
+
+async def test_a_method_the_target_lacks_is_unimplemented_not_unknown() -> None:
+    """grpclib answers an unknown method without a content-type; the status
+    is still UNIMPLEMENTED, which dead-letters at once."""
+    server = Target()
+    await server.start()
+    dispatcher = Dispatcher()
+    try:
+        failure = await dispatcher.call(
+            Call(
+                authority=server.authority,
+                method="/coffeemachine.CoffeeMachine/make_espresso",
+                body=b"",
+                metadata={},
+                deadline_s=5,
+            )
+        )
+    finally:
+        await dispatcher.close()
+        await server.stop()
+
+    assert failure is not None
+    assert failure.status is Status.UNIMPLEMENTED
+    assert failure.message == "Method not found"
+    assert server.calls == []

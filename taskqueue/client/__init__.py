@@ -4,5 +4,6 @@ Depends only on grpclib and protobuf; nothing from ``taskqueue.server``.
 """
 
 from taskqueue.client.queue import QueueStub, TaskMethod
+from taskqueue.protobuf.service_pb2 import RetryPolicy
 
-__all__ = ["QueueStub", "TaskMethod"]
+__all__ = ["QueueStub", "RetryPolicy", "TaskMethod"]

@@ -18,7 +18,12 @@ from google.protobuf.message import Message
 from grpclib.client import Channel
 
 from taskqueue.protobuf.service_grpc import TaskQueueStub
-from taskqueue.protobuf.service_pb2 import AT_LEAST_ONCE, AT_MOST_ONCE, Task
+from taskqueue.protobuf.service_pb2 import (
+    AT_LEAST_ONCE,
+    AT_MOST_ONCE,
+    RetryPolicy,
+    Task,
+)
 
 DELIVERY = {"at-least-once": AT_LEAST_ONCE, "at-most-once": AT_MOST_ONCE}
 
@@ -42,13 +47,15 @@ class TaskMethod:
         deadline: timedelta | float | None = None,
         metadata: Mapping[str, str] | None = None,
         task_id: str = "",
+        retry: RetryPolicy | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - grpclib's own name
     ) -> str:
         """Enqueue a call of this method with ``message``; returns the task id.
 
         ``delay`` (seconds or timedelta) or ``eta`` (an aware datetime) set
         when the call is due; ``deadline`` bounds each attempt; ``task_id``
-        names the task (taskqueue makes one up when empty).
+        names the task (taskqueue makes one up when empty); ``retry``
+        overrides the queue's retry policy for this task.
         """
         task = self.task(
             message,
@@ -59,6 +66,7 @@ class TaskMethod:
             deadline=deadline,
             metadata=metadata,
             task_id=task_id,
+            retry=retry,
         )
         reply = await self._queue._stub.add(task, timeout=timeout)
         return reply.id
@@ -74,6 +82,7 @@ class TaskMethod:
         deadline: timedelta | float | None = None,
         metadata: Mapping[str, str] | None = None,
         task_id: str = "",
+        retry: RetryPolicy | None = None,
     ) -> Task:
         """The Task that ``add`` sends, for callers that batch or inspect it."""
         self._check_type(message)
@@ -99,6 +108,8 @@ class TaskMethod:
             task.eta.FromDatetime(eta)
         if deadline is not None:
             task.deadline.FromTimedelta(_timedelta(deadline))
+        if retry is not None:
+            task.retry.CopyFrom(retry)
         return task
 
     def _check_type(self, message: Any) -> None:

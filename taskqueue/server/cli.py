@@ -126,6 +126,9 @@ def _serve(main: Coroutine[Any, Any, None], loaded: config_module.Config) -> Non
         bootstrap = loaded.kafka.bootstrap_servers
         typer.echo(f"taskqueue: Kafka at {bootstrap} failed: {exc}", err=True)
         raise typer.Exit(EXIT_FAILED) from None
+    except OSError as exc:  # e.g. the rpc or metrics port is taken
+        typer.echo(f"taskqueue: {exc}", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
 
 
 # ------------------------------------------------------------------ dlq

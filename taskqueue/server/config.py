@@ -263,7 +263,11 @@ def load(location: str = DEFAULT_LOCATION) -> Config:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
 
     if not isinstance(sections, dict) or section not in sections:
-        raise ConfigError(f"{path} has no section {section!r}")
+        known = ", ".join(map(str, sections)) if isinstance(sections, dict) else ""
+        raise ConfigError(
+            f"{path} has no section {section!r}"
+            + (f" (it has: {known})" if known else "")
+        )
     return from_dict(sections[section] or {}, origin=f"{path}@{section}")
 
 

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.rpc.error_details_pb2 import RetryInfo
-from grpclib.client import Channel, UnaryUnaryMethod
+from grpclib.client import Channel, Stream
 from grpclib.config import Configuration
-from grpclib.const import Status
+from grpclib.const import Cardinality, Status
 from grpclib.encoding.base import CodecBase
 from grpclib.encoding.proto import ProtoStatusDetailsCodec
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.metadata import decode_grpc_message
 from grpclib.protocol import H2Protocol
 from h2.events import RemoteSettingsChanged
 
@@ -39,6 +40,10 @@ from taskqueue.server.policy import Failure
 from taskqueue.server.tls import OutgoingTls, Tls
 
 log = logging.getLogger(__name__)
+
+# grpclib's words when an answer has no content-type; see _trailers_only_status.
+MISSING_CONTENT_TYPE = "Missing content-type header"
+STATUS_CODES = frozenset(status.value for status in Status)
 
 MAX_FAILURE_MESSAGE = 1024
 # A connection with calls open is pinged this often, and dropped when a ping
@@ -225,10 +230,7 @@ class Dispatcher:
         except AuthorityNotAllowed as exc:
             return Failure(Status.PERMISSION_DENIED, _text(exc))
         try:
-            method = UnaryUnaryMethod[bytes, bytes](
-                entry.channel, call.method, bytes, bytes
-            )
-            await method(call.body, timeout=call.deadline_s, metadata=call.metadata)
+            await _unary(entry.channel, call)
         except AuthorityNotAllowed as exc:  # from the connection's address check
             return Failure(Status.PERMISSION_DENIED, _text(exc))
         except GRPCError as exc:
@@ -276,6 +278,41 @@ class Dispatcher:
                 del self._channels[authority]
                 excess -= 1
                 log.debug("closed idle channel to %s", authority)
+
+
+async def _unary(channel: Channel, call: Call) -> None:
+    async with channel.request(
+        call.method,
+        Cardinality.UNARY_UNARY,
+        bytes,
+        bytes,
+        timeout=call.deadline_s,
+        metadata=call.metadata,
+    ) as stream:
+        try:
+            await stream.send_message(call.body, end=True)
+            await stream.recv_message()
+        except GRPCError as exc:
+            raise _trailers_only_status(stream, exc) from None
+
+
+def _trailers_only_status(stream: Stream[bytes, bytes], exc: GRPCError) -> GRPCError:
+    """The status of a trailers-only answer that has no content-type.
+
+    grpclib's client refuses such an answer as UNKNOWN before reading its
+    grpc-status, but servers send one, grpclib's own among them for a method
+    it does not have (UNIMPLEMENTED, which must dead-letter at once rather
+    than be retried). Like grpcio, trust the grpc-status. The headers are read
+    from grpclib's stream internals, for want of a public way.
+    """
+    if exc.status is not Status.UNKNOWN or exc.message != MISSING_CONTENT_TYPE:
+        return exc
+    headers = dict(getattr(stream._stream, "headers", None) or ())
+    code = headers.get("grpc-status", "")
+    if not code.isdigit() or int(code) not in STATUS_CODES:
+        return exc
+    message = decode_grpc_message(headers.get("grpc-message", ""))
+    return GRPCError(Status(int(code)), message)
 
 
 def _from_grpc_error(exc: GRPCError) -> Failure:
