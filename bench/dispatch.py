@@ -69,8 +69,9 @@ Stats = Any  # a multiprocessing RawArray of 3 doubles
 class CountingTarget:
     """Answers METHOD with an empty message and counts the calls."""
 
-    def __init__(self, stats: Stats) -> None:
+    def __init__(self, stats: Stats, latency_s: float) -> None:
         self._stats = stats
+        self._latency_s = latency_s
 
     def __mapping__(self) -> dict[str, Handler]:
         return {METHOD: Handler(self._handle, Cardinality.UNARY_UNARY, bytes, bytes)}
@@ -83,17 +84,21 @@ class CountingTarget:
         if stats[COUNT] == 1:
             stats[FIRST] = now
         stats[LAST] = now
+        if self._latency_s:
+            await asyncio.sleep(self._latency_s)
         await stream.send_message(b"")
 
 
-def serve_target(conn: multiprocessing.connection.Connection, stats: Stats) -> None:
-    asyncio.run(_serve_target(conn, stats))
+def serve_target(
+    conn: multiprocessing.connection.Connection, stats: Stats, latency_s: float
+) -> None:
+    asyncio.run(_serve_target(conn, stats, latency_s))
 
 
 async def _serve_target(
-    conn: multiprocessing.connection.Connection, stats: Stats
+    conn: multiprocessing.connection.Connection, stats: Stats, latency_s: float
 ) -> None:
-    server = Server([CountingTarget(stats)], codec=RawCodec())
+    server = Server([CountingTarget(stats, latency_s)], codec=RawCodec())
     await server.start("127.0.0.1", 0)
     sockets = server._server.sockets  # type: ignore[union-attr]
     conn.send(int(sockets[0].getsockname()[1]))
@@ -367,16 +372,25 @@ def print_profile(profiler: cProfile.Profile) -> None:
 
 async def run_all(args: argparse.Namespace, broker: _common.Broker, tmp: Path) -> None:
     _common.configure_logging(args.log_level, tmp)
-    config = _common.make_config(broker.bootstrap)
+    config = _common.make_config(
+        broker.bootstrap,
+        worker={
+            "concurrency": args.concurrency,
+            # One target here: let it have every slot, as the baseline does.
+            "max_calls_per_authority": args.concurrency,
+            "max_pending": max(1000, 2 * args.concurrency),
+        },
+    )
     stats = _common.SPAWN.RawArray("d", 3)
-    with _common.child(serve_target, stats) as target:
+    with _common.child(serve_target, stats, args.latency_ms / 1000) as target:
         authority = f"127.0.0.1:{target.ready}"
         topic = Topics(config.topics.prefix).main(authority, "default")
         print(f"dispatch benchmark on {_common.machine(broker.version)}")
         print(
             f"{args.tasks} tasks of {args.payload} B in {topic} "
             f"({config.kafka.partitions} partitions), worker concurrency "
-            f"{config.worker.concurrency}, max_pending {config.worker.max_pending}"
+            f"{config.worker.concurrency}, max_pending {config.worker.max_pending}, "
+            f"target latency {args.latency_ms:g} ms"
         )
         took = await prefill(config, authority, args.tasks, args.payload)
         print(f"pre-filled through the rpc in {took:.1f}s\n")
@@ -408,6 +422,12 @@ def main() -> int:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--tasks", type=int, default=20_000, help="backlog size")
     p.add_argument("--payload", type=int, default=32, help="argument bytes")
+    p.add_argument(
+        "--concurrency", type=int, default=100, help="calls in flight, both sides"
+    )
+    p.add_argument(
+        "--latency-ms", type=float, default=0.0, help="the target's time per call"
+    )
     p.add_argument(
         "--timeout", type=float, default=300.0, help="time bound of each side's run"
     )

@@ -307,11 +307,18 @@ def _rule(entry: "str | AllowEntry", where: str) -> Rule:
     return Rule(pattern, tuple(_glob(m) for m in entry.methods))
 
 
+# Verdicts an Allowlist remembers before it starts over.
+MAX_VERDICTS = 10_000
+
+
 class Allowlist:
     def __init__(
         self, entries: Iterable["str | AllowEntry"], where: str = "allow"
     ) -> None:
         self._rules = [_rule(entry, where) for entry in entries]
+        # Verdicts by (authority, method): the rules never change, and every
+        # call asks again. A refusal is kept as its message.
+        self._verdicts: dict[tuple[str, str | None], Target | str] = {}
 
     def allows(self, authority: str, method: str | None = None) -> bool:
         try:
@@ -322,6 +329,21 @@ class Allowlist:
 
     def check(self, authority: str, method: str | None = None) -> Target:
         """Refuse ``authority`` (and ``method`` there) unless allowed."""
+        key = (authority, method)
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            try:
+                verdict = self._check(authority, method)
+            except AuthorityNotAllowed as exc:
+                verdict = str(exc)
+            if len(self._verdicts) >= MAX_VERDICTS:
+                self._verdicts.clear()  # bounded: names come from callers
+            self._verdicts[key] = verdict
+        if isinstance(verdict, str):
+            raise AuthorityNotAllowed(verdict)
+        return verdict
+
+    def _check(self, authority: str, method: str | None) -> Target:
         target = parse(authority)
         self._check_special(authority, target)
         if not target.canonical:

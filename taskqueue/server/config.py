@@ -19,8 +19,9 @@ from taskqueue.server.ladder import parse_delay_s
 DEFAULT_LOCATION = "config.yaml@dev"
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
-Positive = Annotated[float, msgspec.Meta(gt=0)]
-Count = Annotated[int, msgspec.Meta(ge=1)]
+# Bounded so that no setting can overflow a time or a count downstream.
+Positive = Annotated[float, msgspec.Meta(gt=0, le=1e10)]
+Count = Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)]
 # At least one tier: without any, retries and scheduled tasks wait in memory.
 Tiers = Annotated[list[str], msgspec.Meta(min_length=1)]
 
@@ -105,6 +106,12 @@ class WorkerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # Records of one queue (one topic) pending at once; its partitions pause
     # beyond it, so that a slow or flooded queue leaves room for the others.
     max_pending_per_queue: Count = 200
+    # Bytes of those records (their values): large tasks fill memory before
+    # their count does.
+    max_pending_bytes: Count = 64 * 1024 * 1024
+    # Calls in flight to one authority, unless authority_limits says
+    # otherwise: one that never answers cannot take every call slot.
+    max_calls_per_authority: Count = 50
 
 
 class AuthorityLimit(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

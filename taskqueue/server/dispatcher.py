@@ -231,16 +231,8 @@ class Dispatcher:
             return Failure(Status.PERMISSION_DENIED, _text(exc))
         try:
             await _unary(entry.channel, call)
-        except AuthorityNotAllowed as exc:  # from the connection's address check
-            return Failure(Status.PERMISSION_DENIED, _text(exc))
-        except GRPCError as exc:
-            return _from_grpc_error(exc)
-        except TimeoutError:
-            return Failure(
-                Status.DEADLINE_EXCEEDED, f"no reply in {call.deadline_s:g}s"
-            )
-        except (StreamTerminatedError, ProtocolError, OSError) as exc:
-            return Failure(Status.UNAVAILABLE, _text(exc) or type(exc).__name__)
+        except Exception as exc:
+            return _failure_of(exc, call)
         finally:
             entry.users -= 1
             self._evict()
@@ -278,6 +270,22 @@ class Dispatcher:
                 del self._channels[authority]
                 excess -= 1
                 log.debug("closed idle channel to %s", authority)
+
+
+def _failure_of(exc: Exception, call: Call) -> Failure:
+    """How a call that raised ``exc`` failed, as a gRPC status."""
+    if isinstance(exc, AuthorityNotAllowed):  # the connection's address check
+        return Failure(Status.PERMISSION_DENIED, _text(exc))
+    if isinstance(exc, GRPCError):
+        return _from_grpc_error(exc)
+    if isinstance(exc, TimeoutError):
+        return Failure(Status.DEADLINE_EXCEEDED, f"no reply in {call.deadline_s:g}s")
+    if isinstance(exc, StreamTerminatedError | ProtocolError | OSError):
+        return Failure(Status.UNAVAILABLE, _text(exc) or type(exc).__name__)
+    # An answer grpclib cannot read (say, status details that do not decode)
+    # is the target's failure, not ours: retried like UNKNOWN.
+    log.debug("call to %s failed oddly: %r", call.authority, exc)
+    return Failure(Status.UNKNOWN, _text(f"{type(exc).__name__}: {exc}"))
 
 
 async def _unary(channel: Channel, call: Call) -> None:

@@ -70,9 +70,14 @@ class TokenBucket:
 class Gate:
     """What one authority's calls pass through."""
 
-    def __init__(self, limit: AuthorityLimit | None, overload: OverloadConfig) -> None:
-        concurrency = limit.concurrency if limit else None
-        self._slots = asyncio.Semaphore(concurrency) if concurrency else None
+    def __init__(
+        self,
+        limit: AuthorityLimit | None,
+        overload: OverloadConfig,
+        default_concurrency: int,
+    ) -> None:
+        concurrency = (limit.concurrency if limit else None) or default_concurrency
+        self._slots = asyncio.Semaphore(concurrency)
         rate = limit.rate_per_s if limit else None
         self._bucket = TokenBucket(rate, limit.burst) if rate and limit else None
         self._overload = overload
@@ -87,9 +92,6 @@ class Gate:
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        if self._slots is None:
-            yield
-            return
         async with self._slots:
             yield
 
@@ -132,6 +134,7 @@ class FlowControl:
         self._limits = config.authority_limits
         self._overload = config.overload
         self._slots = asyncio.Semaphore(config.worker.concurrency)
+        self._per_authority = config.worker.max_calls_per_authority
         self._gates: dict[str, Gate] = {}
 
     @contextlib.asynccontextmanager
@@ -170,7 +173,9 @@ class FlowControl:
         if gate is None:
             if len(self._gates) >= MAX_GATES:
                 self._gates = {a: g for a, g in self._gates.items() if not g.idle}
-            gate = self._gates[authority] = Gate(self._limit(authority), self._overload)
+            gate = self._gates[authority] = Gate(
+                self._limit(authority), self._overload, self._per_authority
+            )
         return gate
 
     def _limit(self, authority: str) -> AuthorityLimit | None:

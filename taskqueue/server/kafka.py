@@ -150,6 +150,12 @@ class KafkaWriter:
             return {}
         if tier == DLQ:
             retention_s = self._config.topics.dlq_retention_s
-        else:
-            retention_s = self._ladder.delay_s(tier) + self._config.topics.tier_grace_s
-        return {"retention.ms": str(int(retention_s * 1000))}
+            return {"retention.ms": str(int(retention_s * 1000))}
+        retention_s = self._ladder.delay_s(tier) + self._config.topics.tier_grace_s
+        return {
+            "retention.ms": str(int(retention_s * 1000)),
+            # The broker stamps each record as it appends it, so a writer's
+            # clock (skewed, or set ahead on purpose) cannot hold a tier
+            # partition paused behind one record; eligibility stays in order.
+            "message.timestamp.type": "LogAppendTime",
+        }

@@ -18,11 +18,12 @@ from datetime import UTC, datetime
 import msgspec
 
 from taskqueue.protobuf.service_pb2 import AT_MOST_ONCE, Task
+from taskqueue.server import validation
 from taskqueue.server.allowlist import Allowlist
 from taskqueue.server.config import Config
 from taskqueue.server.control import PauseBoard
 from taskqueue.server.dispatcher import Call, Dispatcher
-from taskqueue.server.errors import BadRecord, BrokerUnavailable
+from taskqueue.server.errors import BadRecord, BrokerUnavailable, InvalidTask
 from taskqueue.server.flow import FlowControl
 from taskqueue.server.kafka import KafkaWriter
 from taskqueue.server.ladder import Ladder
@@ -85,12 +86,22 @@ class Job:
     taken: Taken
     claim: Claim
     interrupted: asyncio.Event = field(default_factory=asyncio.Event)
+    # An at-most-once record committed before its call: nothing would read it
+    # again, so from then on it is not interrupted (only the grace ends it).
+    claimed: bool = False
 
     def interrupt(self) -> None:
         self.interrupted.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self.interrupted.is_set() and not self.claimed
+
     async def wait(self, seconds: float) -> None:
         """Sleep, unless interrupted first."""
+        if self.claimed:
+            await asyncio.sleep(seconds)
+            return
         if self.interrupted.is_set():
             raise Interrupted
         try:
@@ -129,6 +140,11 @@ class Lifecycle:
             await self._process(job)
         except Interrupted:
             return False
+        except Exception as exc:
+            # A record that breaks the lifecycle would otherwise stay
+            # unfinished and hold its partition's commit back for good.
+            log.exception("record %s cannot be processed", job.taken.where)
+            await self._dead_letter_raw(job, f"cannot be processed: {exc!r}"[:500])
         return True
 
     async def _process(self, job: Job) -> None:
@@ -136,6 +152,7 @@ class Lifecycle:
         try:
             task = decode_task(taken.value)
             state = from_headers(taken.headers)
+            self._check_record(task, taken)
         except BadRecord as exc:
             await self._dead_letter_raw(job, str(exc))
             return
@@ -143,6 +160,19 @@ class Lifecycle:
         if state.origin is None:
             state = _replace(state, origin=taken.where)
         await self._run(job, task, state)
+
+    def _check_record(self, task: Task, taken: Taken) -> None:
+        """What `add` checked, again: records can be written by anyone who may
+        write to the topic, and a bad one must not reach a call or a topic
+        name."""
+        try:
+            validation.check_authority(task.authority)
+            validation.check_method(task.method)
+            validation.check_metadata(task)
+        except InvalidTask as exc:
+            raise BadRecord(str(exc)) from None
+        if self._topics.main(task.authority, task.queue) != base_of(taken.topic):
+            raise BadRecord("the task's authority and queue are not its topic's")
 
     async def _run(self, job: Job, task: Task, state: State) -> None:
         # A retry picks its tier by the planned delay: recomputing it from the
@@ -187,6 +217,7 @@ class Lifecycle:
         if not await job.claim():
             log.warning("task %s not called: its partition was taken away", state.id)
             return
+        job.claimed = True
         failure = await self._call(job, task, state)
         if failure is not None:
             event = _event(job, task, state.id, state.attempt + 1)
@@ -205,7 +236,7 @@ class Lifecycle:
             deadline_s=self._deadline_s(task),
         )
         async with self._flow.call(task.authority, job) as gate:
-            if job.interrupted.is_set():
+            if job.stopping:
                 raise Interrupted  # waited for a slot through a shutdown
             log.debug("calling task %s attempt=%d", state.id, attempt)
             failure = await self._metrics.timed_call(

@@ -41,6 +41,8 @@ def task_event(
 ) -> None:
     """Log ``task ID OUTCOME authority=... method=... attempt=N queue=Q tier=T``
     followed by ``more`` as ``key=value``. Never pass payloads or metadata."""
+    if not logger.isEnabledFor(level):
+        return  # on the hot path: build nothing for a line nobody keeps
     keys = "".join(f" {key}=%s" for key in more)
     logger.log(
         level,

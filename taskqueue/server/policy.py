@@ -5,6 +5,7 @@ chains through the worker. A task's own ``RetryPolicy`` fields override its
 queue's defaults from the configuration.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -77,6 +78,9 @@ class Policy:
         delay_s = failure.retry_after_s
         if delay_s is None:
             delay_s = self.backoff(attempt)
+        if math.isnan(delay_s):  # nothing a target sends may pin a record
+            delay_s = 0.0
+        delay_s = min(max(delay_s, 0.0), MAX_DELAY_S)
         if self.max_age_s is not None and age_s + delay_s > self.max_age_s:
             return GiveUp(f"next attempt would pass max_age {self.max_age_s:g}s")
         return Retry(delay_s)

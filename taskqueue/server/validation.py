@@ -1,6 +1,7 @@
 """Validation of a Task sent to ``add``; every message names the field."""
 
 import ipaddress
+import math
 import re
 import uuid
 
@@ -184,15 +185,21 @@ def check_retry(task: Task) -> None:
     if len(retry.backoff) > MAX_BACKOFF_STEPS:
         raise InvalidTask(f"retry.backoff has more than {MAX_BACKOFF_STEPS} delays")
     for delay in retry.backoff:
-        if _seconds(delay, "retry.backoff") < 0:
-            raise InvalidTask("retry.backoff delays must not be negative")
-    # 0 is proto3's "unset" (the policy then doubles); NaN is refused too.
+        _check_delay(delay, "retry.backoff")
+    # 0 is proto3's "unset" (the policy then doubles); NaN and inf are refused:
+    # an infinite multiplier times a zero backoff is no delay at all.
     multiplier = retry.multiplier
-    if retry.HasField("initial_backoff") and multiplier != 0 and not multiplier >= 1:
-        raise InvalidTask("retry.multiplier must be at least 1 with initial_backoff")
+    bad = not 1 <= multiplier < math.inf
+    if retry.HasField("initial_backoff") and multiplier != 0 and bad:
+        raise InvalidTask("retry.multiplier must be a finite number of at least 1")
     for name in ("initial_backoff", "max_backoff", "max_age"):
-        if retry.HasField(name) and _seconds(getattr(retry, name), f"retry.{name}") < 0:
-            raise InvalidTask(f"retry.{name} must not be negative")
+        if retry.HasField(name):
+            _check_delay(getattr(retry, name), f"retry.{name}")
+
+
+def _check_delay(duration: Duration, field: str) -> None:
+    if not 0 <= _seconds(duration, field) <= MAX_DELAY_S:
+        raise InvalidTask(f"{field} must be in [0, {MAX_DELAY_S}] seconds")
 
 
 def task_id(task: Task) -> str:

@@ -86,6 +86,7 @@ class Worker:
         self._dropping: set[asyncio.Task[None]] = set()
         # Jobs alive per topic: what the worker holds in memory.
         self._live: Counter[str] = Counter()
+        self._live_bytes = 0
         self._stopping = asyncio.Event()
         self._started = False
         # Rebalances this worker went through (assignments received).
@@ -205,12 +206,15 @@ class Worker:
         queue_room = max((per_queue - self._live[t] for t in topics), default=per_queue)
         return max(1, min(self._room(), queue_room))
 
+    def _bytes_full(self) -> bool:
+        return self._live_bytes >= self._config.worker.max_pending_bytes
+
     def _queue_full(self, topic: str) -> bool:
         return self._live[topic] >= self._config.worker.max_pending_per_queue
 
     def _apply_backpressure(self) -> None:
         """Pause what must wait; resume the rest."""
-        full = self._room() <= 0
+        full = self._room() <= 0 or self._bytes_full()
         assigned = self._consumer.assignment()
         for part in self._parts.values():
             if part.tp not in assigned:
@@ -233,7 +237,11 @@ class Worker:
         now_s = time.time()
 
         for record in records:
-            if self._queue_full(tp.topic) or self._pauses.covers_topic(tp.topic):
+            if (
+                self._bytes_full()
+                or self._queue_full(tp.topic)
+                or (self._pauses.covers_topic(tp.topic))
+            ):
                 # Taken when there is room, or when an operator resumes it.
                 self._consumer.seek(tp, record.offset)
                 return
@@ -280,6 +288,7 @@ class Worker:
         running = asyncio.create_task(self._lifecycle.process(job))
         part.jobs[running] = job
         self._live[part.tp.topic] += 1
+        self._live_bytes += len(record.value or b"")
         running.add_done_callback(
             lambda done: self._finished(part, record.offset, done)
         )
@@ -287,8 +296,9 @@ class Worker:
     def _finished(
         self, part: _Partition, offset: int, done: asyncio.Task[bool]
     ) -> None:
-        part.jobs.pop(done, None)
+        job = part.jobs.pop(done)
         self._live[part.tp.topic] -= 1
+        self._live_bytes -= len(job.taken.value or b"")
         if done.cancelled():
             return  # shutdown or revoke: left unfinished, read again later
         if done.exception() is not None:

@@ -1,0 +1,70 @@
+"""Records `add` would never write, put straight into a task topic by another
+tool: each is dead-lettered with its reason, and what follows is called."""
+
+from aiokafka import AIOKafkaProducer
+
+from taskqueue.protobuf.service_pb2 import Task
+from taskqueue.server.config import Config
+from taskqueue.server.kafka import KafkaWriter
+from taskqueue.server.record import State, encode_task, to_headers
+from taskqueue.server.topics import Topics
+from tests.conftest import make_config
+from tests.support import read_topic, target, worker
+from tests.test_ladder_kafka import task
+
+
+async def write(
+    config: Config, topic: str, records: list[tuple[bytes, list[tuple[str, bytes]]]]
+) -> None:
+    writer = KafkaWriter(config)
+    await writer.start()
+    await writer.ensure_queue(topic)
+    await writer.stop()
+    producer = AIOKafkaProducer(bootstrap_servers=config.kafka.bootstrap_servers)
+    await producer.start()
+    try:
+        for value, headers in records:
+            await producer.send_and_wait(topic, value, headers=headers, partition=0)
+    finally:
+        await producer.stop()
+
+
+def valid(one: Task, task_id: str) -> tuple[bytes, list[tuple[str, bytes]]]:
+    one.id, one.queue = task_id, "default"
+    state = State(id=task_id, due_ms=0, added_ms=0)
+    return encode_task(one), to_headers(state)
+
+
+async def test_poison_records_are_dead_lettered_and_do_not_block(
+    kafka_bootstrap: str,
+) -> None:
+    config = make_config(kafka_bootstrap, kafka={"partitions": 1})
+    topics = Topics(config.topics.prefix)
+
+    async with target() as cafe:
+        main = topics.main(cafe.authority, "default")
+        elsewhere = task("127.0.0.1:1")  # a valid task, in the wrong topic
+        bad_metadata = task(cafe.authority, metadata={"Upper": "x"})
+        good = task(cafe.authority)
+        await write(
+            config,
+            main,
+            [
+                (b"\xff\x00 not a task", []),
+                valid(elsewhere, "elsewhere"),
+                valid(bad_metadata, "bad-metadata"),
+                valid(good, "good"),
+            ],
+        )
+        async with worker(config):
+            [call] = await cafe.wait_calls(1)
+            letters = await read_topic(
+                kafka_bootstrap, topics.dlq(cafe.authority, "default"), 3
+            )
+
+    assert call.metadata["taskqueue-task-id"] == "good"
+    reasons = [dict(r.headers)["tq-reason"].decode() for r in letters]
+    assert "not a taskqueue.service.Task" in reasons[0]
+    assert "not its topic's" in reasons[1]
+    assert "metadata key" in reasons[2]
+    assert letters[0].value == b"\xff\x00 not a task"
