@@ -64,9 +64,10 @@ async def write_tasks(config: Config, authorities: list[str], method: str) -> No
             task.argument.type_url = "type.googleapis.com/coffeemachine.LatteOrder"
             task.id = uuid.uuid4().hex
             state = State(id=task.id, due_ms=now_ms, added_ms=now_ms)
-            # All on one topic: where a record sits does not change the checks.
+            # Each in its own queue's topic, where a worker accepts it as a
+            # task (a record in another queue's topic is dead-lettered unread).
             await writer.write(
-                topics.main("ok.test:1", "default"),
+                topics.main(authority, "default"),
                 key=task.id.encode(),
                 value=encode_task(task),
                 headers=to_headers(state),
