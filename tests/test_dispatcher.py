@@ -807,3 +807,27 @@ async def test_a_method_the_target_lacks_is_unimplemented_not_unknown() -> None:
     assert failure.status is Status.UNIMPLEMENTED
     assert failure.message == "Method not found"
     assert server.calls == []
+
+
+async def test_after_a_back_off_one_call_probes_while_the_others_wait() -> None:
+    """Half-open: when the back-off ends, one call goes first; the others
+    follow only once it succeeded, instead of all failing at once."""
+    switch = Switch(Status.UNAVAILABLE)
+    server = await started(switch)
+    flow = FlowControl(flow_config(overload=OVERLOAD))
+    dispatcher = Dispatcher()
+    try:
+        for _ in range(3):  # now backed off for 0.3 s
+            await call_through(flow, dispatcher, server, Waiter())
+        switch.status = None  # the authority is back
+        attempts = await asyncio.gather(
+            *(call_through(flow, dispatcher, server, Waiter()) for _ in range(5))
+        )
+    finally:
+        await dispatcher.close()
+        await server.stop()
+
+    assert all(a.failure is None for a in attempts)
+    first = min(attempts, key=lambda a: a.began)
+    followers = [a for a in attempts if a is not first]
+    assert all(a.began >= first.noted for a in followers)

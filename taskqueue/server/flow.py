@@ -84,11 +84,18 @@ class Gate:
         self._failures = 0
         self._backoff_s = overload.backoff_s
         self._closed_until = 0.0
+        self._probing = False
         self.users = 0
 
     async def wait_open(self, waiter: Waiter) -> None:
         while (left_s := self._closed_until - time.monotonic()) > 0:
             await waiter.wait(left_s)
+        if self._failures >= self._overload.threshold and not self._probing:
+            # After a back-off one call goes first to see if the authority is
+            # back; the others wait for its answer (or the same back-off again)
+            # instead of all failing at once and flooding the retry tiers.
+            self._probing = True
+            self._closed_until = time.monotonic() + self._backoff_s
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -107,20 +114,29 @@ class Gate:
         if status not in OVERLOAD:
             self._failures = 0
             self._backoff_s = self._overload.backoff_s
+            self._probing = False
+            self._closed_until = 0.0
             return
         now = time.monotonic()
+        if self._probing:  # the first answer after a back-off: still overloaded
+            self._probing = False
+            self._back_off(authority, now)
+            return
         if self._closed_until > now:
             return  # answers to calls made before the back-off began
         self._failures += 1
         if self._failures >= self._overload.threshold:
-            self._closed_until = now + self._backoff_s
-            log.warning(
-                "authority %s backed off for %.1fs after %d overload answers",
-                authority,
-                self._backoff_s,
-                self._failures,
-            )
-            self._backoff_s = min(self._backoff_s * 2, self._overload.max_backoff_s)
+            self._back_off(authority, now)
+
+    def _back_off(self, authority: str, now: float) -> None:
+        self._closed_until = now + self._backoff_s
+        log.warning(
+            "authority %s backed off for %.1fs after %d overload answers",
+            authority,
+            self._backoff_s,
+            self._failures,
+        )
+        self._backoff_s = min(self._backoff_s * 2, self._overload.max_backoff_s)
 
     @property
     def idle(self) -> bool:
