@@ -16,6 +16,18 @@ dev:
 """
 
 
+def run_cli(*args: str) -> "subprocess.CompletedProcess[str]":
+    """``python -m taskqueue.server ARGS`` from the repository, bounded."""
+    return subprocess.run(
+        [sys.executable, "-m", "taskqueue.server", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 @pytest.mark.parametrize(
     "command", [["rpc"], ["worker"], ["worker", "--tier", "retry"]]
 )
@@ -25,14 +37,7 @@ def test_unreachable_broker_is_one_line_and_exit_1(
     config = tmp_path / "config.yaml"
     config.write_text(NO_BROKER)
 
-    done = subprocess.run(
-        [sys.executable, "-m", "taskqueue.server", *command, "-c", f"{config}@dev"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_cli(*command, "-c", f"{config}@dev")
 
     assert done.returncode == 1
     assert "taskqueue: Kafka at 127.0.0.1:1 failed" in done.stderr
@@ -44,14 +49,7 @@ def test_unknown_config_key_is_exit_2(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text("dev:\n  kafka: {bootstrap_server: x}\n")
 
-    done = subprocess.run(
-        [sys.executable, "-m", "taskqueue.server", "rpc", "-c", f"{config}@dev"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_cli("rpc", "-c", f"{config}@dev")
 
     assert done.returncode == 2
     assert "bootstrap_server" in done.stderr
@@ -72,14 +70,7 @@ def test_a_taken_port_is_one_line_and_exit_1(
             f"  rpc: {{port: {port}}}\n"
         )
 
-        done = subprocess.run(
-            [sys.executable, "-m", "taskqueue.server", "rpc", "-c", f"{config}@dev"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = run_cli("rpc", "-c", f"{config}@dev")
 
     assert done.returncode == 1
     assert "address already in use" in done.stderr
