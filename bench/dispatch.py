@@ -14,7 +14,7 @@ one after the other, each in a consumer group of its own over the same topic:
 
 The figure is calls/s at the target between its first and its last call.
 
-    /tmp/venv/bin/python bench/dispatch.py [--bootstrap HOST:PORT] [--tasks N]
+    .venv/bin/python bench/dispatch.py [--bootstrap HOST:PORT] [--tasks N]
 """
 
 import argparse

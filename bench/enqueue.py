@@ -8,7 +8,7 @@ this process drives both with the same load: C concurrent callers over one
 HTTP/2 channel, each making ``add`` calls back to back, a fixed number of
 calls per level (bounded in time too).
 
-    /tmp/venv/bin/python bench/enqueue.py [--bootstrap HOST:PORT] [--rounds N]
+    .venv/bin/python bench/enqueue.py [--bootstrap HOST:PORT] [--rounds N]
 """
 
 import argparse
