@@ -81,5 +81,16 @@ def make_config(bootstrap: str, **sections: object) -> Config:
 
 
 @pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    """A broker of the test's own, for tests that stop and start it."""
+    broker = LocalBroker(port=0, data_dir=tmp_path / "kafka")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
 def config(kafka_bootstrap: str) -> Config:
     return make_config(kafka_bootstrap)

@@ -5,7 +5,6 @@ The test runs a broker of its own, since it stops and restarts it.
 
 import asyncio
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,16 +30,6 @@ ADD_DEADLINE_S = 3.0
 # broken client from hanging the test.
 HANG_GUARD_S = ADD_DEADLINE_S + 2.0
 RECOVERY_TIMEOUT_S = 60.0
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[LocalBroker]:
-    broker = LocalBroker(port=0, data_dir=tmp_path / "kafka")
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.fixture

@@ -7,11 +7,9 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from grpclib.client import Channel
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
@@ -38,16 +36,6 @@ SERVICE = "taskqueue.service.TaskQueue"
 SERVING = HealthCheckResponse.SERVING
 NOT_SERVING = HealthCheckResponse.NOT_SERVING
 FLIP_TIMEOUT_S = 30.0
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[LocalBroker]:
-    broker = LocalBroker(port=0, data_dir=tmp_path / "kafka")
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 async def check(channel: Channel, service: str) -> int:
