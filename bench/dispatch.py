@@ -410,12 +410,13 @@ async def run_all(args: argparse.Namespace, broker: _common.Broker, tmp: Path) -
         print(f"after the run: {_common.load()}")
 
         if args.profile:
-            profiler = cProfile.Profile()
-            profiler.enable()
-            phase = await measure(setup, OURS, run_worker(config))
-            profiler.disable()
-            print(f"\ncProfile of the worker ({phase.rate:,.0f} calls/s profiled):")
-            print_profile(profiler)
+            for side, run in sides[::-1]:
+                profiler = cProfile.Profile()
+                profiler.enable()
+                phase = await measure(setup, side, run)
+                profiler.disable()
+                print(f"\ncProfile of {side} ({phase.rate:,.0f} calls/s profiled):")
+                print_profile(profiler)
 
 
 def main() -> int:

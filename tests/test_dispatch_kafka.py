@@ -58,6 +58,43 @@ async def test_calls_longer_than_the_poll_interval_cause_no_rebalance(
     assert len(ids) == len(set(ids)) == 4
 
 
+async def test_a_full_worker_stays_in_its_group(kafka_bootstrap: str) -> None:
+    """C01 with every pending place taken for longer than max.poll.interval:
+    the loop waits for room instead of polling, yet still polls often enough
+    to keep its partitions."""
+    config = one_partition(
+        kafka_bootstrap,
+        worker={
+            "max_poll_interval_s": 3,
+            "concurrency": 2,
+            "max_pending": 2,
+            "max_pending_per_queue": 2,
+        },
+        queue_defaults={"deadline_s": 2},
+        # One call per 4 s: the two pending jobs hold their places that long.
+        authority_limits=[{"authority": "127.0.0.1:*", "rate_per_s": 0.25}],
+    )
+
+    async with (
+        target() as cafe,
+        rpc_server(config) as port,
+        worker(config) as only,
+    ):
+        await add(port, task(cafe.authority))
+        await cafe.wait_calls(1)
+        settled = only.assignments
+        await add(port, *(task(cafe.authority) for _ in range(3)))
+        calls = await cafe.wait_calls(4, timeout_s=30)
+        topic = Topics(config.topics.prefix).main(cafe.authority, "default")
+        await wait_until_committed(config, TopicPartition(topic, 0), 4)
+
+        assert only.assignments == settled
+        assert only.pending() == 0
+
+    ids = [c.metadata["taskqueue-task-id"] for c in calls]
+    assert len(ids) == len(set(ids)) == 4
+
+
 async def test_commit_never_passes_an_unfinished_record(kafka_bootstrap: str) -> None:
     """C12: out-of-order completion; offset 3 is slow, the others are quick."""
     config = one_partition(kafka_bootstrap, worker={"concurrency": 10})

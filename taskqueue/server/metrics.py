@@ -115,6 +115,22 @@ class _WorkerCollector(Collector):
         )
 
 
+class _Children:
+    """A metric's labelled children, each looked up once: ``labels()`` takes a
+    lock and checks its arguments on every call, and the call path is hot.
+    Label values are bounded (see above), so this cache is too."""
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._cache: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._cache.get(values)
+        if child is None:
+            child = self._cache[values] = self._metric.labels(*values)
+        return child
+
+
 class Metrics:
     """The metrics of one process; each method is one lifecycle event."""
 
@@ -172,9 +188,13 @@ class Metrics:
         )
         self._worker = _WorkerCollector()
         registry.register(self._worker)
+        self._added_child = _Children(self._added)
+        self._calls_child = _Children(self._calls)
+        self._call_seconds_child = _Children(self._call_seconds)
+        self._lateness_child = _Children(self._lateness)
 
     def added(self, queue: str, outcome: str) -> None:
-        self._added.labels(queue, outcome).inc()
+        self._added_child(queue, outcome).inc()
 
     async def timed_call(
         self,
@@ -186,13 +206,16 @@ class Metrics:
         late_s: float,
     ) -> Failure | None:
         """Await ``calling`` (one call to a target) and count it."""
-        self._lateness.labels(tier).observe(max(0.0, late_s))
+        self._lateness_child(tier).observe(max(0.0, late_s))
         started = time.monotonic()
-        with self._in_flight.track_inprogress():
+        self._in_flight.inc()
+        try:
             failure = await calling
-        self._call_seconds.labels(authority).observe(time.monotonic() - started)
+        finally:
+            self._in_flight.dec()
+        self._call_seconds_child(authority).observe(time.monotonic() - started)
         code = OK if failure is None else failure.status.name
-        self._calls.labels(authority, method, code).inc()
+        self._calls_child(authority, method, code).inc()
         return failure
 
     def retried(self, tier: str) -> None:

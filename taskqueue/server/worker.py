@@ -2,14 +2,18 @@
 
 ``--tier main`` consumes every main topic, ``--tier retry`` every ladder tier
 topic; each tier is one consumer group, so both scale out by starting more
-workers. The fetch loop never blocks on calls: it keeps polling (so the
-consumer stays in its group) and applies backpressure by pausing partitions,
-both while too many records are pending and while a tier partition's head is
-not due yet. Offsets are committed per partition up to the lowest unfinished
-record; completions from before a rebalance are ignored.
+workers. The fetch loop never blocks on calls. While too many records are
+pending, it asks Kafka only for the partitions whose queue has room, or waits
+for room, so what aiokafka prefetched stays in its buffer (bounded per
+partition) instead of being dropped and fetched again; it still polls now and
+then so that the consumer stays in its group. A tier partition whose head is
+not due yet, or whose queue an operator paused, is paused. Offsets are
+committed per partition up to the lowest unfinished record; completions from
+before a rebalance are ignored.
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -39,6 +43,12 @@ POLL_TIMEOUT_MS = 100
 # A tier partition resumes this long before its head is eligible; the record
 # then waits on a precise timer, so fetch latency never makes a call late.
 PREFETCH_S = 0.5
+# While nothing can be taken, the loop still polls (everything paused) at
+# least this often, and never less often than a tenth of max.poll.interval.
+KEEPALIVE_POLL_S = 1.0
+# A full worker wakes again once this share of a limit is free: taking
+# records one by one would cost a loop turn per record.
+REFILL_SHARE = 10
 REVOKE_WAIT_S = 5.0
 
 
@@ -87,6 +97,8 @@ class Worker:
         # Jobs alive per topic: what the worker holds in memory.
         self._live: Counter[str] = Counter()
         self._live_bytes = 0
+        self._room_freed = asyncio.Event()
+        self._last_poll_s = time.monotonic()
         self._stopping = asyncio.Event()
         self._started = False
         # Rebalances this worker went through (assignments received).
@@ -186,25 +198,78 @@ class Worker:
 
         while not self._stopping.is_set():
             self._apply_backpressure()
-            batches = await self._consumer.getmany(
-                timeout_ms=POLL_TIMEOUT_MS, max_records=self._batch_size()
-            )
-            for tp, records in batches.items():
+            for tp, records in (await self._poll()).items():
                 self._take(tp, records)
             if time.monotonic() >= next_commit:
                 await self._commit()
                 next_commit = time.monotonic() + commit_every_s
 
+    async def _poll(self) -> dict[TopicPartition, list[ConsumerRecord]]:
+        batches: dict[TopicPartition, list[ConsumerRecord]]
+        takeable = self._takeable()
+        if takeable or not self._parts:
+            self._last_poll_s = time.monotonic()
+            batches = await self._consumer.getmany(
+                *takeable,
+                timeout_ms=POLL_TIMEOUT_MS,
+                max_records=self._batch_size(takeable),
+            )
+            return batches
+
+        self._room_freed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._room_freed.wait(), POLL_TIMEOUT_MS / 1000)
+        if time.monotonic() - self._last_poll_s < self._keepalive_s():
+            return {}
+
+        # Still full: poll with everything paused, so that the group does not
+        # take this worker for dead. Only a partition assigned meanwhile can
+        # hand over records; ``_take`` seeks back what it has no room for. The
+        # next turn resumes the rest (their prefetched data is dropped, which
+        # is fine this seldom).
+        self._consumer.pause(*self._consumer.assignment())
+        self._last_poll_s = time.monotonic()
+        batches = await self._consumer.getmany(timeout_ms=0)
+        return batches
+
+    def _keepalive_s(self) -> float:
+        return min(KEEPALIVE_POLL_S, self._config.worker.max_poll_interval_s / 10)
+
+    def _takeable(self) -> list[TopicPartition]:
+        """Assigned partitions that may hand over records now."""
+        if self._room() <= 0 or self._bytes_full():
+            return []
+        assigned = self._consumer.assignment()
+        return [
+            part.tp
+            for part in self._parts.values()
+            if part.tp in assigned
+            and part.resume_at is None
+            and not self._pauses.covers_topic(part.tp.topic)
+            and not self._queue_full(part.tp.topic)
+        ]
+
     def _room(self) -> int:
         return self._config.worker.max_pending - self._live.total()
 
-    def _batch_size(self) -> int:
+    def _batch_size(self, takeable: list[TopicPartition]) -> int:
         """Records to ask for: no more than there is room for, so that few
         are handed back (a seek back drops the partition's prefetched data)."""
         per_queue = self._config.worker.max_pending_per_queue
-        topics = {tp.topic for tp in self._parts}
-        queue_room = max((per_queue - self._live[t] for t in topics), default=per_queue)
+        topics = {tp.topic for tp in takeable}
+        queue_room = min((per_queue - self._live[t] for t in topics), default=per_queue)
         return max(1, min(self._room(), queue_room))
+
+    def _refill(self, topic: str) -> None:
+        """Wake a full poll loop once enough room is free to take a batch."""
+        worker = self._config.worker
+        if (
+            self._room() >= max(1, worker.max_pending // REFILL_SHARE)
+            and worker.max_pending_per_queue - self._live[topic]
+            >= max(1, worker.max_pending_per_queue // REFILL_SHARE)
+            and not self._bytes_full()
+        ):
+            self._room_freed.set()
 
     def _bytes_full(self) -> bool:
         return self._live_bytes >= self._config.worker.max_pending_bytes
@@ -213,15 +278,14 @@ class Worker:
         return self._live[topic] >= self._config.worker.max_pending_per_queue
 
     def _apply_backpressure(self) -> None:
-        """Pause what must wait; resume the rest."""
-        full = self._room() <= 0 or self._bytes_full()
+        """Pause what must wait for its head's due time or for an operator;
+        resume the rest. A full queue is not paused: ``_poll`` leaves it out."""
         assigned = self._consumer.assignment()
         for part in self._parts.values():
             if part.tp not in assigned:
                 continue  # a rebalance is under way
             waiting = part.resume_at is not None
-            held = self._pauses.covers_topic(part.tp.topic)
-            if full or waiting or held or self._queue_full(part.tp.topic):
+            if waiting or self._pauses.covers_topic(part.tp.topic):
                 self._consumer.pause(part.tp)
             else:
                 self._consumer.resume(part.tp)
@@ -299,6 +363,7 @@ class Worker:
         job = part.jobs.pop(done)
         self._live[part.tp.topic] -= 1
         self._live_bytes -= len(job.taken.value or b"")
+        self._refill(part.tp.topic)
         if done.cancelled():
             return  # shutdown or revoke: left unfinished, read again later
         if done.exception() is not None:
