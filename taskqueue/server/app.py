@@ -72,7 +72,8 @@ async def run_rpc(
             _metrics_served(config, metrics, probe.verdict, metrics_ready),
             _admin_service(config) as admin,
         ):
-            server = make_server(service, grpc_health(service, probe), *admin)
+            health = grpc_health(service, probe)
+            server = make_server(config.rpc, service, health, *admin)
             await server.start(config.rpc.host, config.rpc.port, ssl=ssl_context)
             port = _bound_port(server)
             log.info(

@@ -88,6 +88,17 @@ class RpcConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True)
     add_timeout_s: Positive = 10.0
     # Largest request message accepted, in bytes.
     max_message_bytes: Count = 1_000_000
+    # Longest wait for the rest of a request once its headers arrived (unary
+    # requests: until the caller ends its side). A request that stalls midway
+    # is answered DEADLINE_EXCEEDED and its memory freed.
+    request_read_timeout_s: Positive = 10.0
+    # Requests one connection may have under way at once, advertised as
+    # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; more are refused one by one
+    # (REFUSED_STREAM), the connection and its other requests unharmed.
+    max_concurrent_streams: Count = 256
+    # A connection with no request under way for this long is closed (GOAWAY,
+    # then the socket); clients connect again on their next call.
+    idle_timeout_s: Positive = 300.0
 
 
 class WorkerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

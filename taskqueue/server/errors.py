@@ -2,7 +2,8 @@
 
 All derive from :class:`TaskQueueError`; each class names the gRPC status a
 caller of ``add`` receives for it. The rpc handler turns them into statuses in
-one place (``rpc.py``) and logs each once there.
+one place (``rpc.py``) and logs each once there; the time limits around every
+handler (``guard.py``) do so for their own two.
 
     TaskQueueError
     ├── ConfigError          bad configuration; start-up stops
@@ -10,12 +11,16 @@ one place (``rpc.py``) and logs each once there.
     ├── Unauthenticated      no valid caller credentials   -> UNAUTHENTICATED
     ├── AuthorityNotAllowed  the operator did not allow it -> PERMISSION_DENIED
     ├── CallerNotAllowed     not for this caller           -> PERMISSION_DENIED
+    ├── DeadlineExceeded     the caller's deadline passed  -> DEADLINE_EXCEEDED
+    ├── RequestTimedOut      the request stalled midway    -> DEADLINE_EXCEEDED
     ├── BrokerUnavailable    Kafka did not acknowledge     -> UNAVAILABLE
     │   └── TopicRefused     a queue's topic name collides -> INVALID_ARGUMENT
     ├── BadRecord            a Kafka record we cannot read (dead-lettered)
+    ├── UnreadableBatch      a fetched batch we cannot parse (also aiokafka's)
     └── BadArgument          an operator's command-line value is wrong; exit 2
 """
 
+from aiokafka.errors import CorruptRecordException
 from grpclib.const import Status
 
 
@@ -55,6 +60,23 @@ class CallerNotAllowed(TaskQueueError):
     status = Status.PERMISSION_DENIED
 
 
+class DeadlineExceeded(TaskQueueError):
+    """The caller's deadline (its ``grpc-timeout``) passed before the answer."""
+
+    status = Status.DEADLINE_EXCEEDED
+
+
+class RequestTimedOut(TaskQueueError):
+    """A request did not arrive in full within ``rpc.request_read_timeout_s``.
+
+    Not CANCELLED: gRPC keeps that status for a call its own caller cancelled,
+    while this is a time limit that ran out, which clients and retry policies
+    already read as "too slow, may be retried".
+    """
+
+    status = Status.DEADLINE_EXCEEDED
+
+
 class BrokerUnavailable(TaskQueueError):
     """Kafka did not acknowledge a write in time."""
 
@@ -73,6 +95,14 @@ class TopicRefused(BrokerUnavailable):
 
 class BadRecord(TaskQueueError):
     """A record read from Kafka is not a task record; it goes to the DLQ."""
+
+
+class UnreadableBatch(TaskQueueError, CorruptRecordException):  # type: ignore[misc]
+    """A fetched record batch is malformed, found while re-reading it leniently.
+
+    Also aiokafka's ``CorruptRecordException``, which it replaces: code around
+    a consumer handles it as it handles aiokafka's own report of a bad batch.
+    """
 
 
 class BadArgument(TaskQueueError):

@@ -2,7 +2,8 @@
 
 A task is validated, written to Kafka (its main topic, or the delay ladder when
 it is due later) and acknowledged only after Kafka acknowledged the write.
-Errors become gRPC statuses here and nowhere else.
+Errors become gRPC statuses here and nowhere else, but for the time limits
+that ``guard.py`` applies around every handler.
 """
 
 import asyncio
@@ -16,7 +17,7 @@ from grpclib.events import RecvRequest, listen
 from grpclib.exceptions import GRPCError
 from grpclib.health.service import Health
 from grpclib.reflection.service import ServerReflection
-from grpclib.server import Server, Stream
+from grpclib.server import Stream
 
 from taskqueue.protobuf.admin_grpc import AdminBase
 from taskqueue.protobuf.service_grpc import TaskQueueBase
@@ -24,8 +25,14 @@ from taskqueue.protobuf.service_pb2 import AddReply, Task
 from taskqueue.server import validation
 from taskqueue.server.allowlist import Allowlist
 from taskqueue.server.auth import Caller, Callers
-from taskqueue.server.config import Config
-from taskqueue.server.errors import BrokerUnavailable, InvalidTask, TaskQueueError
+from taskqueue.server.config import Config, RpcConfig
+from taskqueue.server.errors import (
+    BrokerUnavailable,
+    DeadlineExceeded,
+    InvalidTask,
+    TaskQueueError,
+)
+from taskqueue.server.guard import GuardedServer
 from taskqueue.server.kafka import KafkaWriter
 from taskqueue.server.ladder import Ladder
 from taskqueue.server.logs import TaskEvent, task_event
@@ -104,8 +111,15 @@ class TaskQueueService(TaskQueueBase):
     def _time_left_s(self, stream: "Stream[Task, AddReply]") -> float:
         limit_s = self._config.rpc.add_timeout_s
         if stream.deadline is not None:
+            remaining_s = stream.deadline.time_remaining()
+            if not remaining_s:
+                # A write started now could be stored and never answered.
+                raise DeadlineExceeded(
+                    "the call's deadline (grpc-timeout) passed before the task "
+                    "was written"
+                )
             # Leave a little of the caller's deadline for our reply to reach it.
-            limit_s = min(limit_s, stream.deadline.time_remaining() * 0.9)
+            limit_s = min(limit_s, remaining_s * 0.9)
         return limit_s
 
     async def _add(self, task: Task, caller: Caller, time_left_s: float) -> AddReply:
@@ -125,8 +139,13 @@ class TaskQueueService(TaskQueueBase):
         except TimeoutError:
             # The record may still reach Kafka later: the producer cannot take
             # it back. Idempotent enqueue by task id would make a retry safe.
+            # UNAVAILABLE even when the caller's deadline set the limit: it is
+            # answered before that deadline and says what was slow.
+            waited = f"{time_left_s:.3g}s"
+            if time_left_s < self._config.rpc.add_timeout_s:
+                waited += ", all that the call's deadline (grpc-timeout) left"
             raise BrokerUnavailable(
-                f"Kafka did not acknowledge the task within {time_left_s:.1f}s; "
+                f"Kafka did not acknowledge the task within {waited}; "
                 "it may still be stored"
             ) from None
 
@@ -198,9 +217,12 @@ async def _receive(stream: "Stream[Task, AddReply]", limit_bytes: int) -> Task:
 
 
 def make_server(
-    service: TaskQueueService, *others: TaskQueueBase | Health | AdminBase
-) -> Server:
-    """``add`` and ``others`` (health, admin), all described by reflection."""
-    server = Server(ServerReflection.extend([service, *others]))
+    rpc: RpcConfig,
+    service: TaskQueueService,
+    *others: TaskQueueBase | Health | AdminBase,
+) -> GuardedServer:
+    """``add`` and ``others`` (health, admin), all described by reflection,
+    within the limits of ``rpc``."""
+    server = GuardedServer(ServerReflection.extend([service, *others]), rpc)
     listen(server, RecvRequest, service.authenticate)
     return server
