@@ -429,6 +429,8 @@ async def test_limit_stops_after_that_many(seeded: Seeded) -> None:
         ("--until", "5 minutes"),
         ("--status", "BROKEN"),
         ("--delay", "soon"),
+        ("--delay", "400000d"),
+        ("--since", "9" * 400 + "d"),
     ],
 )
 def test_wrong_values_are_usage_errors(
@@ -744,3 +746,85 @@ def test_a_descriptor_set_without_imports_still_knows_well_known_types(
     decoded = ArgumentTypes.load(out).decode(argument)
 
     assert decoded.json == {"size": "LARGE", "temperature": 90, "sugar": 3}
+
+
+# ------------------------------------------------------- times out of range
+
+# What another tool may write into a time header: integers, but no calendar's.
+FAR_FUTURE_MS = 10**20
+FAR_PAST_MS = -(10**20)
+
+
+def letter_out_of_range(authority: str, due_ms: int) -> tuple[Task, State]:
+    """A dead letter whose every time header is out of range."""
+    one, state = letter(authority)
+    odd = msgspec.structs.replace(
+        state,
+        due_ms=due_ms,
+        added_ms=FAR_PAST_MS,
+        first_attempt_ms=FAR_PAST_MS,
+        last_attempt_ms=FAR_FUTURE_MS,
+    )
+    return one, odd
+
+
+def test_show_and_list_print_times_out_of_range_as_their_numbers(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    config = make_config(kafka_bootstrap)
+    one, state = letter_out_of_range("127.0.0.1:1", FAR_FUTURE_MS)
+    asyncio.run(write_letters(config, (one, state)))
+    location = config_file(tmp_path, config)
+    commands = {
+        "show": ["show"],
+        "show --json": ["show", "--json"],
+        "list": ["list"],
+        "list --json": ["list", "--json"],
+    }
+
+    runs = {
+        name: CliRunner().invoke(cli, ["dlq", *args, "-c", location])
+        for name, args in commands.items()
+    }
+
+    for name, run in runs.items():
+        assert (run.exit_code, run.exception) == (0, None), f"{name}: {run.output}"
+    [shown] = json_lines(runs["show --json"].stdout)
+    assert shown["task_id"] == one.id
+    assert shown["added_at"] == f"out of range ({FAR_PAST_MS} ms)"
+    assert shown["first_attempt_at"] == f"out of range ({FAR_PAST_MS} ms)"
+    assert shown["last_attempt_at"] == f"out of range ({FAR_FUTURE_MS} ms)"
+    panel = runs["show"].stdout
+    assert f"out of range ({FAR_FUTURE_MS} ms)" in panel
+    assert "1 dead letter(s) shown." in panel
+    [listed] = json.loads(runs["list --json"].stdout)
+    assert listed["count"] == 1
+    assert one.queue in runs["list"].stdout
+
+
+def test_replay_of_a_letter_due_out_of_range_is_due_now(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A due time no calendar holds bounds nothing: such a task is replayed
+    due now onto its main topic, not parked on the ladder for good."""
+    config = make_config(kafka_bootstrap)
+    authority = "127.0.0.1:1"
+    letters = [
+        letter_out_of_range(authority, due) for due in (FAR_FUTURE_MS, FAR_PAST_MS)
+    ]
+    asyncio.run(write_letters(config, *letters))
+    location = config_file(tmp_path, config)
+    main = Topics(config.topics.prefix).main(authority, "default")
+
+    started_ms = int(time.time() * 1000)
+    run = CliRunner().invoke(cli, ["dlq", "replay", "-c", location, "--json"])
+    ended_ms = int(time.time() * 1000)
+    replayed = asyncio.run(read_topic(kafka_bootstrap, main, 2))
+
+    assert (run.exit_code, run.exception) == (0, None), run.output
+    *steps, _ = json_lines(run.stdout)
+    assert [s["outcome"] for s in steps] == ["replayed", "replayed"]
+    states = [from_headers(list(r.headers)) for r in replayed]
+    assert sorted(s.id for s in states) == sorted(one.id for one, _ in letters)
+    assert all(started_ms <= s.due_ms <= ended_ms for s in states)
+    assert all(started_ms <= s.added_ms <= ended_ms for s in states)

@@ -2,8 +2,10 @@
 
 import asyncio
 import json
+import os
 import sys
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,10 @@ from grpclib.exceptions import GRPCError
 from rich.console import Console
 
 from taskqueue.server.config import Config
+from taskqueue.server.kafka import KafkaWriter
+from taskqueue.server.record import State, encode_task, to_headers
 from taskqueue.server.stats import QueueStats, TierStats, table
+from taskqueue.server.topics import Topics
 from tests.ops_support import add, ops_config, rpc_with_metrics, task
 from tests.support import Received, target, worker
 
@@ -27,23 +32,30 @@ def write_config(config: Config, path: Path) -> str:
     return f"{path}@test"
 
 
-async def queues_json(location: str) -> dict[str, Any]:
-    """``taskqueue queues --json``, keyed by queue name."""
+async def run_queues(location: str, *options: str) -> str:
+    """What ``taskqueue queues`` prints, asserting it exits 0."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         "from taskqueue.server.cli import main; main()",
         "queues",
-        "--json",
+        *options,
         "--config",
         location,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        # Wide enough that no table cell wraps.
+        env={**os.environ, "COLUMNS": "200"},
     )
     async with asyncio.timeout(CLI_TIMEOUT_S):
         out, err = await process.communicate()
     assert process.returncode == 0, err.decode()
-    return {q["queue"]: q for q in json.loads(out)}
+    return out.decode()
+
+
+async def queues_json(location: str) -> dict[str, Any]:
+    """``taskqueue queues --json``, keyed by queue name."""
+    return {q["queue"]: q for q in json.loads(await run_queues(location, "--json"))}
 
 
 async def refuse_dead(received: Received) -> None:
@@ -127,3 +139,43 @@ def test_table_shows_busy_tiers_only() -> None:
     ]
     assert "2023-11-14T22:13:20Z" in text
     assert "10.0s" in text
+
+
+async def test_queues_prints_a_due_time_out_of_range_as_its_number(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Another tool wrote head records whose due time no calendar holds."""
+    config = ops_config(kafka_bootstrap, kafka={"partitions": 1})
+    location = write_config(config, tmp_path / "config.yaml")
+    authority = "127.0.0.1:1"
+    dues_ms = {"past": -(10**20), "future": 10**20}
+    await write_heads(config, authority, dues_ms)
+
+    found = await queues_json(location)
+    shown = await run_queues(location)
+
+    for queue, due_ms in dues_ms.items():
+        assert found[queue]["depth"] == 1
+        assert found[queue]["oldest_due"] == f"out of range ({due_ms} ms)"
+        assert found[queue]["late_s"] == 0
+        row = next(line for line in shown.splitlines() if f" {queue} " in line)
+        assert f"out of range ({due_ms} ms)" in row
+
+
+async def write_heads(config: Config, authority: str, dues_ms: dict[str, int]) -> None:
+    """One task record per queue, due at ``dues_ms[queue]``."""
+    topics = Topics(config.topics.prefix)
+    writer = KafkaWriter(config)
+    await writer.start()
+    try:
+        for queue, due_ms in dues_ms.items():
+            task_id = uuid.uuid4().hex
+            await writer.write(
+                topics.main(authority, queue),
+                key=task_id.encode(),
+                value=encode_task(task(authority, queue=queue, id=task_id)),
+                headers=to_headers(State(id=task_id, due_ms=due_ms, added_ms=0)),
+                timestamp_ms=int(time.time() * 1000),
+            )
+    finally:
+        await writer.stop()

@@ -29,9 +29,11 @@ async def write(
         await producer.stop()
 
 
-def valid(one: Task, task_id: str) -> tuple[bytes, list[tuple[str, bytes]]]:
+def valid(
+    one: Task, task_id: str, due_ms: int = 0
+) -> tuple[bytes, list[tuple[str, bytes]]]:
     one.id, one.queue = task_id, "default"
-    state = State(id=task_id, due_ms=0, added_ms=0)
+    state = State(id=task_id, due_ms=due_ms, added_ms=0)
     return encode_task(one), to_headers(state)
 
 
@@ -68,3 +70,28 @@ async def test_poison_records_are_dead_lettered_and_do_not_block(
     assert "not its topic's" in reasons[1]
     assert "metadata key" in reasons[2]
     assert letters[0].value == b"\xff\x00 not a task"
+
+
+async def test_a_due_time_out_of_range_is_dead_lettered_not_called(
+    kafka_bootstrap: str,
+) -> None:
+    """No calendar holds it: the worker could neither wait for it nor tell the
+    target when the call was due (replayed tasks never carry one)."""
+    config = make_config(kafka_bootstrap, kafka={"partitions": 1})
+    topics = Topics(config.topics.prefix)
+
+    async with target() as cafe:
+        dues_ms = {"past": -(10**20), "future": 10**20, "good": 0}
+        records = [valid(task(cafe.authority), i, d) for i, d in dues_ms.items()]
+        await write(config, topics.main(cafe.authority, "default"), records)
+        async with worker(config):
+            await cafe.wait_calls(1)
+            letters = await read_topic(
+                kafka_bootstrap, topics.dlq(cafe.authority, "default"), 2
+            )
+
+    assert [c.metadata["taskqueue-task-id"] for c in cafe.calls] == ["good"]
+    assert len(letters) == 2
+    for letter in letters:
+        reason = dict(letter.headers)["tq-reason"].decode()
+        assert reason == "header tq-due-ms is out of range (years 1 to 9999)"

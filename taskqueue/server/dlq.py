@@ -40,8 +40,10 @@ from taskqueue.server.record import (
     decode_task,
     from_headers,
     header_name,
+    read_headers,
 )
 from taskqueue.server.topics import Topics
+from taskqueue.server.validation import MAX_DELAY_S
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ class Letter:
 
 
 def read_letter(record: ConsumerRecord) -> Letter:
-    headers: Headers = [(name, bytes(raw)) for name, raw in record.headers]
+    headers = read_headers(record.headers)
     common: dict[str, Any] = {
         "topic": record.topic,
         "partition": record.partition,
@@ -202,7 +204,12 @@ def parse_duration_s(text: str, option: str) -> float:
     match = _DURATION_RE.fullmatch(text.strip())
     if match is None:
         raise BadArgument(f"{option} {text!r} is not a duration like 30s, 15m, 2h, 7d")
-    return float(match[1]) * _UNITS_S[match[2]]
+    seconds = float(match[1]) * _UNITS_S[match[2]]
+    # The bound `add` sets on a delay: beyond it a time leaves the calendar
+    # (and a float of enough digits is infinite).
+    if seconds > MAX_DELAY_S:
+        raise BadArgument(f"{option} {text!r} is longer than {MAX_DELAY_S} seconds")
+    return seconds
 
 
 def parse_time_ms(text: str, now_s: float, option: str) -> int:

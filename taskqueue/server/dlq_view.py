@@ -10,7 +10,6 @@ import contextlib
 import signal
 from base64 import b64encode
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -25,6 +24,7 @@ from taskqueue.protobuf.service_pb2 import AT_MOST_ONCE
 from taskqueue.server.config import Config
 from taskqueue.server.descriptors import ArgumentTypes, Decoded
 from taskqueue.server.dlq import Filters, QueueStats, Shown, find, queue_stats
+from taskqueue.server.record import iso_ms
 from taskqueue.server.replay import (
     FAILURES,
     Outcome,
@@ -57,10 +57,7 @@ def make_console() -> Console:
 
 
 def iso(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    moment = datetime.fromtimestamp(ms / 1000, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return None if ms is None else iso_ms(ms)
 
 
 def _emit(console: Console, document: object) -> None:

@@ -38,6 +38,7 @@ from taskqueue.server.record import (
     encode_task,
     from_headers,
     header_name,
+    in_range_ms,
     to_headers,
 )
 from taskqueue.server.topics import DLQ, Topics, base_of, tier_of
@@ -152,7 +153,7 @@ class Lifecycle:
         try:
             task = decode_task(taken.value)
             state = from_headers(taken.headers)
-            self._check_record(task, taken)
+            self._check_record(task, state, taken)
         except BadRecord as exc:
             await self._dead_letter_raw(job, str(exc))
             return
@@ -161,7 +162,7 @@ class Lifecycle:
             state = _replace(state, origin=taken.where)
         await self._run(job, task, state)
 
-    def _check_record(self, task: Task, taken: Taken) -> None:
+    def _check_record(self, task: Task, state: State, taken: Taken) -> None:
         """What `add` checked, again: records can be written by anyone who may
         write to the topic, and a bad one must not reach a call or a topic
         name."""
@@ -173,6 +174,12 @@ class Lifecycle:
             raise BadRecord(str(exc)) from None
         if self._topics.main(task.authority, task.queue) != base_of(taken.topic):
             raise BadRecord("the task's authority and queue are not its topic's")
+        if not in_range_ms(state.due_ms):
+            # Never due: it would ride the ladder for good, or fail to say
+            # when it was due in the call's metadata.
+            raise BadRecord(
+                f"header {header_name('due_ms')} is out of range (years 1 to 9999)"
+            )
 
     async def _run(self, job: Job, task: Task, state: State) -> None:
         # A retry picks its tier by the planned delay: recomputing it from the

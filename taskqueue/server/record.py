@@ -9,6 +9,9 @@
   bounded however many hops it makes.
 """
 
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+
 import msgspec
 from google.protobuf.message import DecodeError
 
@@ -19,6 +22,13 @@ HEADER_PREFIX = "tq-"
 MAX_MESSAGE_CHARS = 1024
 
 Headers = list[tuple[str, bytes]]
+
+# The times in the headers are milliseconds since the epoch. Whoever may write
+# to the topics can put any integer there, but only those from the year 1 to
+# 9999 are times a calendar (ISO 8601, Python's datetime) can show.
+EARLIEST_MS = -62_135_596_800_000  # 0001-01-01T00:00:00.000Z
+LATEST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class State(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -48,6 +58,12 @@ _INT_FIELDS = {
 
 def header_name(field: str) -> str:
     return HEADER_PREFIX + field.replace("_", "-")
+
+
+def read_headers(headers: Iterable[tuple[str, bytes | None]]) -> Headers:
+    """A consumed record's headers. Kafka allows a header without a value
+    (null); it is read as empty, which is all our headers could mean by it."""
+    return [(name, b"" if raw is None else bytes(raw)) for name, raw in headers]
 
 
 def to_headers(state: State) -> Headers:
@@ -85,6 +101,21 @@ def _int(field: str, text: str) -> int:
         return int(text)
     except ValueError:
         raise BadRecord(f"header {header_name(field)} is not an integer") from None
+
+
+def in_range_ms(ms: int) -> bool:
+    """Whether a header's time is one a calendar holds (see EARLIEST_MS)."""
+    return EARLIEST_MS <= ms <= LATEST_MS
+
+
+def iso_ms(ms: int, timespec: str = "milliseconds") -> str:
+    """A header's time as ISO 8601 in UTC (``...Z``); one out of range as its
+    number, said to be so: failing would hide all that is shown with it."""
+    if not in_range_ms(ms):
+        return f"out of range ({ms} ms)"
+    # Integer arithmetic: a float of seconds loses the last millisecond.
+    moment = _EPOCH + timedelta(milliseconds=ms)
+    return moment.isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
 def encode_task(task: Task) -> bytes:

@@ -51,7 +51,7 @@ from taskqueue.server.dlq import (
 from taskqueue.server.errors import AuthorityNotAllowed, BrokerUnavailable
 from taskqueue.server.kafka import KafkaWriter
 from taskqueue.server.ladder import Ladder
-from taskqueue.server.record import State, to_headers
+from taskqueue.server.record import State, in_range_ms, to_headers
 from taskqueue.server.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -224,10 +224,14 @@ class Replayer:
         now_ms = int(self._clock() * 1000)
         due_ms = now_ms + int(self._options.delay_s * 1000)
         old = claimed.state
+        if in_range_ms(old.due_ms):
+            # Never earlier than the task was due: no task is called before
+            # then. A due time out of range (another tool wrote it) is no
+            # time at all; kept, it would park the task on the ladder for good.
+            due_ms = max(due_ms, old.due_ms)
         state = State(
             id=old.id,
-            # Never earlier than the task was due: no task is called before then.
-            due_ms=max(due_ms, old.due_ms),
+            due_ms=due_ms,
             # A replay starts the retry policy afresh: attempts and max age.
             added_ms=now_ms,
             origin=old.origin,

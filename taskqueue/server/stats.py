@@ -18,7 +18,6 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -31,7 +30,7 @@ from taskqueue.server.config import Config
 from taskqueue.server.errors import BadRecord, BrokerUnavailable
 from taskqueue.server.ladder import parse_delay_s
 from taskqueue.server.metrics import MAIN
-from taskqueue.server.record import from_headers
+from taskqueue.server.record import from_headers, in_range_ms, iso_ms, read_headers
 from taskqueue.server.topics import DLQ, INTERNAL, Topics, tier_of
 from taskqueue.server.worker import TierName
 
@@ -75,7 +74,11 @@ class QueueStats:
     def late_s(self, now_s: float) -> float:
         """How long the oldest head record is past its due time (0 if not)."""
         oldest = self.oldest_due_ms
-        return 0.0 if oldest is None else max(0.0, now_s - oldest / 1000)
+        if oldest is None or not in_range_ms(oldest):
+            # A due time out of range is no time to be late for: a worker
+            # dead-letters such a record instead of calling it.
+            return 0.0
+        return max(0.0, now_s - oldest / 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +239,7 @@ def _saw_head(
     stats: dict[tuple[str, str], QueueStats], topics: Topics, record: ConsumerRecord
 ) -> None:
     try:
-        due_ms = from_headers(list(record.headers)).due_ms
+        due_ms = from_headers(read_headers(record.headers)).due_ms
     except BadRecord:
         return  # goes to the dead-letter topic when a worker reads it
     _tier(stats, topics, record.topic).saw_due(due_ms)
@@ -318,7 +321,4 @@ def _ordered(tiers: Iterable[TierStats]) -> list[TierStats]:
 
 
 def _iso(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    moment = datetime.fromtimestamp(ms / 1000, UTC)
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return None if ms is None else iso_ms(ms, "seconds")

@@ -34,6 +34,7 @@ from taskqueue.server.kafka import KafkaWriter
 from taskqueue.server.ladder import Ladder
 from taskqueue.server.lifecycle import Job, Lifecycle, Taken
 from taskqueue.server.metrics import Metrics
+from taskqueue.server.record import read_headers
 from taskqueue.server.topics import Topics, tier_of
 from taskqueue.server.tracker import OffsetTracker
 
@@ -342,7 +343,7 @@ class Worker:
             offset=record.offset,
             timestamp_ms=record.timestamp,
             value=record.value,
-            headers=list(record.headers),
+            headers=read_headers(record.headers),
         )
 
         async def claim() -> bool:
