@@ -439,15 +439,16 @@ async def test_calls_queued_for_a_stream_when_the_target_crashes_are_retried() -
     dispatcher = Dispatcher()
     try:
         calls = [
-            asyncio.create_task(dispatcher.call(call_to(server, deadline_s=2.0)))
+            asyncio.create_task(dispatcher.call(call_to(server, deadline_s=60)))
             for _ in range(20)
         ]
         await server.wait_calls(5)
         await server.crash()
         hold.release.set()
-        # The 15 queued for a stream end only at their deadline: grpclib does
-        # not wake them when the connection drops.
-        failures = await asyncio.gather(*calls)
+        # The 15 queued for a stream end with the connection, not at their
+        # deadline a minute later.
+        async with asyncio.timeout(5):
+            failures = await asyncio.gather(*calls)
 
         await server.start(server.port)
         after = await dispatcher.call(call_to(server))
@@ -456,6 +457,8 @@ async def test_calls_queued_for_a_stream_when_the_target_crashes_are_retried() -
         await server.stop()
 
     assert all(retried(failure) for failure in failures), failures
+    queued = [f for f in failures if f and f.status == Status.UNAVAILABLE]
+    assert len(queued) >= 15, failures
     assert after is None
 
 

@@ -114,8 +114,9 @@ class WorkerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     shutdown_grace_s: Positive = 30.0
     # Open channels to targets; the least recently used is closed beyond it.
     channel_cache_size: Count = 64
-    # Records of one queue (one topic) pending at once; its partitions pause
-    # beyond it, so that a slow or flooded queue leaves room for the others.
+    # Records of one queue (one topic) pending at once; beyond it none of its
+    # records are taken, so that a slow or flooded queue leaves room for the
+    # others.
     max_pending_per_queue: Count = 200
     # Bytes of those records (their values): large tasks fill memory before
     # their count does.

@@ -15,6 +15,7 @@ configured ``server_name``), not against the address.
 """
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections import OrderedDict
@@ -32,6 +33,7 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.metadata import decode_grpc_message
 from grpclib.protocol import H2Protocol
 from h2.events import RemoteSettingsChanged
+from h2.exceptions import ProtocolError as H2ProtocolError
 
 from taskqueue.server.allowlist import Allowlist, Resolver, parse
 from taskqueue.server.config import Config
@@ -112,6 +114,26 @@ class _SettledProtocol(H2Protocol):
         super().connection_lost(exc)
         self.lost = True
         self.settled.set()
+        self._fail_stream_waiters()
+
+    def _fail_stream_waiters(self) -> None:
+        """End the calls queued for a stream slot now, not at their deadline.
+
+        grpclib wakes them only when a stream closes, which never happens on a
+        lost connection. With the h2 state closed and its streams forgotten
+        (grpclib has ended their calls already), their next attempt to open a
+        stream raises h2's ProtocolError: an UNAVAILABLE failure, retried like
+        any call the connection took down. (grpclib 0.4 and h2 4 internals:
+        the waiters' events, the h2 connection and its streams;
+        tests/test_dispatcher.py C07 fails should they change.)
+        """
+        connection = self.connection
+        h2 = connection._connection
+        with contextlib.suppress(H2ProtocolError):
+            h2.close_connection()
+        h2.streams.clear()
+        connection.write_ready.set()
+        connection.stream_close_waiter.set()
 
 
 class _GuardedChannel(Channel):
@@ -280,7 +302,9 @@ def _failure_of(exc: Exception, call: Call) -> Failure:
         return _from_grpc_error(exc)
     if isinstance(exc, TimeoutError):
         return Failure(Status.DEADLINE_EXCEEDED, f"no reply in {call.deadline_s:g}s")
-    if isinstance(exc, StreamTerminatedError | ProtocolError | OSError):
+    if isinstance(
+        exc, StreamTerminatedError | ProtocolError | H2ProtocolError | OSError
+    ):
         return Failure(Status.UNAVAILABLE, _text(exc) or type(exc).__name__)
     # An answer grpclib cannot read (say, status details that do not decode)
     # is the target's failure, not ours: retried like UNKNOWN.
