@@ -11,11 +11,9 @@ and the worker pauses that queue's partitions, so other authorities go on.
 """
 
 import asyncio
-import contextlib
 import fnmatch
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Protocol
 
 from grpclib.const import Status
@@ -77,7 +75,7 @@ class Gate:
         default_concurrency: int,
     ) -> None:
         concurrency = (limit.concurrency if limit else None) or default_concurrency
-        self._slots = asyncio.Semaphore(concurrency)
+        self.slots = asyncio.Semaphore(concurrency)
         rate = limit.rate_per_s if limit else None
         self._bucket = TokenBucket(rate, limit.burst) if rate and limit else None
         self._overload = overload
@@ -96,11 +94,6 @@ class Gate:
             # instead of all failing at once and flooding the retry tiers.
             self._probing = True
             self._closed_until = time.monotonic() + self._backoff_s
-
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        async with self._slots:
-            yield
 
     async def token_ready(self, waiter: Waiter) -> None:
         if self._bucket is not None:
@@ -153,21 +146,29 @@ class FlowControl:
         self._per_authority = config.worker.max_calls_per_authority
         self._gates: dict[str, Gate] = {}
 
-    @contextlib.asynccontextmanager
-    async def call(self, authority: str, waiter: Waiter) -> AsyncIterator[Gate]:
-        """Hold everything one call to ``authority`` needs while it runs."""
-        gate = self._gate(authority)
+    def call(self, authority: str, waiter: Waiter) -> "Passage":
+        """Hold everything one call to ``authority`` needs while it runs:
+        ``async with flow.call(authority, waiter) as gate: ...``."""
+        return Passage(self, self._gate(authority), waiter)
+
+    async def _enter(self, gate: Gate, waiter: Waiter) -> None:
         gate.users += 1
         try:
             await gate.wait_open(waiter)
-            async with gate.slot():
+            await gate.slots.acquire()
+            try:
                 await self._call_slot_and_token(gate, waiter)
-                try:
-                    yield gate
-                finally:
-                    self._slots.release()
-        finally:
+            except BaseException:
+                gate.slots.release()
+                raise
+        except BaseException:
             gate.users -= 1
+            raise
+
+    def _leave(self, gate: Gate) -> None:
+        self._slots.release()
+        gate.slots.release()
+        gate.users -= 1
 
     async def _call_slot_and_token(self, gate: Gate, waiter: Waiter) -> None:
         """Take a call slot and a token of the authority's rate limit.
@@ -199,3 +200,25 @@ class FlowControl:
             if fnmatch.fnmatchcase(authority.lower(), limit.authority.lower()):
                 return limit
         return None
+
+
+class Passage:
+    """One call's way through flow control, as an async context manager.
+
+    A class rather than ``contextlib.asynccontextmanager``: every call to a
+    target passes here, and a generator per call costs more.
+    """
+
+    __slots__ = ("_flow", "_gate", "_waiter")
+
+    def __init__(self, flow: FlowControl, gate: Gate, waiter: Waiter) -> None:
+        self._flow = flow
+        self._gate = gate
+        self._waiter = waiter
+
+    async def __aenter__(self) -> Gate:
+        await self._flow._enter(self._gate, self._waiter)
+        return self._gate
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._flow._leave(self._gate)

@@ -57,6 +57,8 @@ class Interrupted(Exception):
 WRITE_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 # How often a record held by an operator's pause looks again.
 PAUSE_CHECK_S = 0.2
+# Routes (authority, method, queue, topic) whose checks passed, kept at most.
+MAX_ROUTES_KEPT = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +136,7 @@ class Lifecycle:
         self._ladder = Ladder(config.topics.tiers)
         self._allowlist = Allowlist(config.allow)
         self._flow = FlowControl(config)
+        self._routes_ok: set[tuple[str, str, str, str]] = set()
 
     async def process(self, job: Job) -> bool:
         """Take the job as far as it goes; True when its record is finished."""
@@ -167,19 +170,33 @@ class Lifecycle:
         write to the topic, and a bad one must not reach a call or a topic
         name."""
         try:
-            validation.check_authority(task.authority)
-            validation.check_method(task.method)
+            self._check_route(task, taken.topic)
             validation.check_metadata(task)
         except InvalidTask as exc:
             raise BadRecord(str(exc)) from None
-        if self._topics.main(task.authority, task.queue) != base_of(taken.topic):
-            raise BadRecord("the task's authority and queue are not its topic's")
         if not in_range_ms(state.due_ms):
             # Never due: it would ride the ladder for good, or fail to say
             # when it was due in the call's metadata.
             raise BadRecord(
                 f"header {header_name('due_ms')} is out of range (years 1 to 9999)"
             )
+
+    def _check_route(self, task: Task, topic: str) -> None:
+        """The task's authority, method and queue, checked against its topic.
+
+        A topic's tasks share these, so each verdict is kept (a bounded set of
+        those that passed): the regexes would cost every record again.
+        """
+        route = (task.authority, task.method, task.queue, topic)
+        if route in self._routes_ok:
+            return
+        validation.check_authority(task.authority)
+        validation.check_method(task.method)
+        if self._topics.main(task.authority, task.queue) != base_of(topic):
+            raise InvalidTask("the task's authority and queue are not its topic's")
+        if len(self._routes_ok) >= MAX_ROUTES_KEPT:
+            self._routes_ok.clear()
+        self._routes_ok.add(route)
 
     async def _run(self, job: Job, task: Task, state: State) -> None:
         # A retry picks its tier by the planned delay: recomputing it from the
@@ -200,9 +217,9 @@ class Lifecycle:
                 return
 
             failure = await self._call(job, task, state)
-            state = self._after_attempt(state, failure)
             if failure is None:
                 return
+            state = self._after_attempt(state, failure)
             retry = await self._retry_or_give_up(job, task, state, failure)
             if retry is None:
                 return
@@ -255,7 +272,7 @@ class Lifecycle:
             )
             gate.record(task.authority, failure.status if failure else None)
 
-        if failure is None:
+        if failure is None and log.isEnabledFor(logging.INFO):
             task_event(
                 log, logging.INFO, "succeeded", _event(job, task, state.id, attempt)
             )
@@ -286,15 +303,15 @@ class Lifecycle:
         )
         return _replace(state, due_ms=due_ms), decision.delay_s
 
-    def _after_attempt(self, state: State, failure: Failure | None) -> State:
+    def _after_attempt(self, state: State, failure: Failure) -> State:
         now_ms = int(self._clock() * 1000)
         return _replace(
             state,
             attempt=state.attempt + 1,
             first_attempt_ms=state.first_attempt_ms or now_ms,
             last_attempt_ms=now_ms,
-            last_status=failure.status.name if failure else None,
-            last_message=failure.message if failure else None,
+            last_status=failure.status.name,
+            last_message=failure.message,
         )
 
     async def _dead_letter(
