@@ -4,7 +4,7 @@ import asyncio
 
 from aiokafka import TopicPartition
 
-from taskqueue.protobuf.service_pb2 import AT_MOST_ONCE
+from taskqueue.protobuf.service_pb2 import AT_MOST_ONCE, Task
 from taskqueue.server.config import Config
 from taskqueue.server.topics import Topics
 from tests.conftest import make_config
@@ -186,3 +186,47 @@ async def test_a_slow_authority_does_not_hold_up_another(kafka_bootstrap: str) -
         assert w.pending() <= 10 + 2  # the slow queue's cap, plus in-flight quick ones
         stuck.set()
         await slow.wait_calls(60, timeout_s=30)
+
+
+async def test_a_queue_of_large_tasks_leaves_bytes_for_the_others(
+    kafka_bootstrap: str,
+) -> None:
+    """A queue whose large tasks wait holds no more than its byte share, so
+    the worker's byte budget is never all taken by one queue."""
+    config = make_config(
+        kafka_bootstrap,
+        worker={
+            "max_pending_bytes": 1_000_000,
+            "max_pending_bytes_per_queue": 250_000,
+            "max_pending_per_queue": 50,
+        },
+    )
+    stuck = asyncio.Event()
+
+    async def hang(_: Received) -> None:
+        await stuck.wait()
+
+    def large(authority: str) -> Task:
+        one = task(authority)
+        one.argument.value = b"x" * 100_000
+        return one
+
+    async with (
+        target(hang) as slow,
+        target() as quick,
+        rpc_server(config) as port,
+        worker(config) as w,
+    ):
+        await add(port, *(large(slow.authority) for _ in range(20)))
+        await slow.wait_calls(3)
+        await add(port, *(task(quick.authority) for _ in range(30)))
+        await quick.wait_calls(30)
+
+        # Three of 100 kB reach the share: the rest stay in Kafka meanwhile.
+        async with asyncio.timeout(10):
+            while w.pending() > 3:  # the quick jobs finishing
+                await asyncio.sleep(0.05)
+        assert len(slow.calls) == 3
+        assert w.pending() == 3
+        stuck.set()
+        await slow.wait_calls(20, timeout_s=30)

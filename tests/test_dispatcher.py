@@ -457,8 +457,9 @@ async def test_calls_queued_for_a_stream_when_the_target_crashes_are_retried() -
         await server.stop()
 
     assert all(retried(failure) for failure in failures), failures
-    queued = [f for f in failures if f and f.status == Status.UNAVAILABLE]
-    assert len(queued) >= 15, failures
+    # Those queued fail as not sent: the connection lost before their call,
+    # or no connection to be had while the target is down.
+    assert all(f and f.status == Status.UNAVAILABLE for f in failures), failures
     assert after is None
 
 

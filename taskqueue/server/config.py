@@ -121,6 +121,9 @@ class WorkerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # Bytes of those records (their values): large tasks fill memory before
     # their count does.
     max_pending_bytes: Count = 64 * 1024 * 1024
+    # Bytes one queue may hold of those: a queue of large, slow tasks must not
+    # take the whole byte budget from the others.
+    max_pending_bytes_per_queue: Count = 16 * 1024 * 1024
     # Calls in flight to one authority, unless authority_limits says
     # otherwise: one that never answers cannot take every call slot.
     max_calls_per_authority: Count = 50

@@ -302,9 +302,9 @@ def _failure_of(exc: Exception, call: Call) -> Failure:
         return _from_grpc_error(exc)
     if isinstance(exc, TimeoutError):
         return Failure(Status.DEADLINE_EXCEEDED, f"no reply in {call.deadline_s:g}s")
-    if isinstance(
-        exc, StreamTerminatedError | ProtocolError | H2ProtocolError | OSError
-    ):
+    if isinstance(exc, H2ProtocolError):  # see _SettledProtocol._fail_stream_waiters
+        return Failure(Status.UNAVAILABLE, "the connection was lost before the call")
+    if isinstance(exc, StreamTerminatedError | ProtocolError | OSError):
         return Failure(Status.UNAVAILABLE, _text(exc) or type(exc).__name__)
     # An answer grpclib cannot read (say, status details that do not decode)
     # is the target's failure, not ours: retried like UNKNOWN.

@@ -98,6 +98,7 @@ class Worker:
         # Jobs alive per topic: what the worker holds in memory.
         self._live: Counter[str] = Counter()
         self._live_bytes = 0
+        self._live_bytes_of: Counter[str] = Counter()
         self._room_freed = asyncio.Event()
         self._last_poll_s = time.monotonic()
         self._stopping = asyncio.Event()
@@ -238,7 +239,7 @@ class Worker:
 
     def _takeable(self) -> list[TopicPartition]:
         """Assigned partitions that may hand over records now."""
-        if self._room() <= 0 or self._bytes_full():
+        if self._full():
             return []
         assigned = self._consumer.assignment()
         return [
@@ -261,22 +262,34 @@ class Worker:
         queue_room = min((per_queue - self._live[t] for t in topics), default=per_queue)
         return max(1, min(self._room(), queue_room))
 
-    def _refill(self, topic: str) -> None:
-        """Wake a full poll loop once enough room is free to take a batch."""
+    def _refill(self, topic: str, was_full: bool) -> None:
+        """Wake a full poll loop once enough room is free to take a batch:
+        in ``topic``'s queue, or anywhere when the worker itself was full."""
         worker = self._config.worker
-        if (
-            self._room() >= max(1, worker.max_pending // REFILL_SHARE)
-            and worker.max_pending_per_queue - self._live[topic]
-            >= max(1, worker.max_pending_per_queue // REFILL_SHARE)
-            and not self._bytes_full()
+        if self._room() < max(1, worker.max_pending // REFILL_SHARE):
+            return
+        if self._bytes_full():
+            return
+        queue_room = worker.max_pending_per_queue - self._live[topic]
+        if was_full or (
+            queue_room >= max(1, worker.max_pending_per_queue // REFILL_SHARE)
+            and not self._queue_bytes_full(topic)
         ):
             self._room_freed.set()
+
+    def _full(self) -> bool:
+        return self._room() <= 0 or self._bytes_full()
 
     def _bytes_full(self) -> bool:
         return self._live_bytes >= self._config.worker.max_pending_bytes
 
+    def _queue_bytes_full(self, topic: str) -> bool:
+        limit = self._config.worker.max_pending_bytes_per_queue
+        return self._live_bytes_of[topic] >= limit
+
     def _queue_full(self, topic: str) -> bool:
-        return self._live[topic] >= self._config.worker.max_pending_per_queue
+        full = self._live[topic] >= self._config.worker.max_pending_per_queue
+        return full or self._queue_bytes_full(topic)
 
     def _apply_backpressure(self) -> None:
         """Pause what must wait for its head's due time or for an operator;
@@ -344,6 +357,7 @@ class Worker:
             timestamp_ms=record.timestamp,
             value=record.value,
             headers=read_headers(record.headers),
+            key=record.key,
         )
 
         async def claim() -> bool:
@@ -352,8 +366,10 @@ class Worker:
         job = Job(taken, claim)
         running = asyncio.create_task(self._lifecycle.process(job))
         part.jobs[running] = job
+        size = len(record.value or b"")
         self._live[part.tp.topic] += 1
-        self._live_bytes += len(record.value or b"")
+        self._live_bytes += size
+        self._live_bytes_of[part.tp.topic] += size
         running.add_done_callback(
             lambda done: self._finished(part, record.offset, done)
         )
@@ -362,9 +378,12 @@ class Worker:
         self, part: _Partition, offset: int, done: asyncio.Task[bool]
     ) -> None:
         job = part.jobs.pop(done)
+        was_full = self._full()
+        size = len(job.taken.value or b"")
         self._live[part.tp.topic] -= 1
-        self._live_bytes -= len(job.taken.value or b"")
-        self._refill(part.tp.topic)
+        self._live_bytes -= size
+        self._live_bytes_of[part.tp.topic] -= size
+        self._refill(part.tp.topic, was_full)
         if done.cancelled():
             return  # shutdown or revoke: left unfinished, read again later
         if done.exception() is not None:
