@@ -6,16 +6,17 @@ from aiokafka import AIOKafkaProducer
 from taskqueue.protobuf.service_pb2 import Task
 from taskqueue.server.config import Config
 from taskqueue.server.kafka import KafkaWriter
-from taskqueue.server.record import State, encode_task, to_headers
+from taskqueue.server.record import Headers, State, encode_task, to_headers
 from taskqueue.server.topics import Topics
 from tests.conftest import make_config
 from tests.support import read_topic, target, worker
 from tests.test_ladder_kafka import task
 
+# A record's value, headers and key.
+Record = tuple[bytes, Headers, bytes | None]
 
-async def write(
-    config: Config, topic: str, records: list[tuple[bytes, list[tuple[str, bytes]]]]
-) -> None:
+
+async def write(config: Config, topic: str, records: list[Record]) -> None:
     writer = KafkaWriter(config)
     await writer.start()
     await writer.ensure_queue(topic)
@@ -23,18 +24,24 @@ async def write(
     producer = AIOKafkaProducer(bootstrap_servers=config.kafka.bootstrap_servers)
     await producer.start()
     try:
-        for value, headers in records:
-            await producer.send_and_wait(topic, value, headers=headers, partition=0)
+        for value, headers, key in records:
+            await producer.send_and_wait(
+                topic, value, key=key, headers=headers, partition=0
+            )
     finally:
         await producer.stop()
 
 
-def valid(
-    one: Task, task_id: str, due_ms: int = 0
-) -> tuple[bytes, list[tuple[str, bytes]]]:
+def valid(one: Task, task_id: str, due_ms: int = 0) -> Record:
     one.id, one.queue = task_id, "default"
     state = State(id=task_id, due_ms=due_ms, added_ms=0)
-    return encode_task(one), to_headers(state)
+    return encode_task(one), to_headers(state), task_id.encode()
+
+
+def spoiled(record: Record, name: str, value: bytes) -> Record:
+    """The record with one of its headers replaced."""
+    task, headers, key = record
+    return task, [(n, v) for n, v in headers if n != name] + [(name, value)], key
 
 
 async def test_poison_records_are_dead_lettered_and_do_not_block(
@@ -52,7 +59,7 @@ async def test_poison_records_are_dead_lettered_and_do_not_block(
             config,
             main,
             [
-                (b"\xff\x00 not a task", []),
+                (b"\xff\x00 not a task", [], None),
                 valid(elsewhere, "elsewhere"),
                 valid(bad_metadata, "bad-metadata"),
                 valid(good, "good"),
@@ -81,7 +88,7 @@ async def test_a_due_time_out_of_range_is_dead_lettered_not_called(
     topics = Topics(config.topics.prefix)
 
     async with target() as cafe:
-        dues_ms = {"past": -(10**20), "future": 10**20, "good": 0}
+        dues_ms = {"past": -(10**18), "future": 10**18, "good": 0}
         records = [valid(task(cafe.authority), i, d) for i, d in dues_ms.items()]
         await write(config, topics.main(cafe.authority, "default"), records)
         async with worker(config):
@@ -95,3 +102,40 @@ async def test_a_due_time_out_of_range_is_dead_lettered_not_called(
     for letter in letters:
         reason = dict(letter.headers)["tq-reason"].decode()
         assert reason == "header tq-due-ms is out of range (years 1 to 9999)"
+
+
+async def test_headers_out_of_their_ascii_form_are_dead_lettered_not_called(
+    kafka_bootstrap: str,
+) -> None:
+    """int() would read "-5" and "١٢٣" as attempts, and an empty id is none: a
+    record claiming them must not be called (nor retried more than its policy
+    allows); its dead letter keeps the record's own key."""
+    config = make_config(kafka_bootstrap, kafka={"partitions": 1})
+    topics = Topics(config.topics.prefix)
+
+    async with target() as cafe:
+        spoils = {
+            "negative": ("tq-attempt", b"-5"),
+            "arabic": ("tq-attempt", "١٢٣".encode()),
+            "no-id": ("tq-id", b""),
+        }
+        records = [
+            spoiled(valid(task(cafe.authority), task_id), *spoil)
+            for task_id, spoil in spoils.items()
+        ]
+        records.append(valid(task(cafe.authority), "good"))
+        await write(config, topics.main(cafe.authority, "default"), records)
+        async with worker(config):
+            await cafe.wait_calls(1)
+            letters = await read_topic(
+                kafka_bootstrap, topics.dlq(cafe.authority, "default"), 3
+            )
+
+    assert [c.metadata["taskqueue-task-id"] for c in cafe.calls] == ["good"]
+    not_digits = "is not an integer in ASCII digits (no sign, at most 20 characters)"
+    reasons = {r.key: dict(r.headers)["tq-reason"].decode() for r in letters}
+    assert reasons == {
+        b"negative": f"header tq-attempt {not_digits}",
+        b"arabic": f"header tq-attempt {not_digits}",
+        b"no-id": "header tq-id must be 1-128 of A-Z a-z 0-9 . _ : -",
+    }

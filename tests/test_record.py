@@ -8,12 +8,14 @@ from hypothesis import strategies as st
 from taskqueue.protobuf.service_pb2 import AT_MOST_ONCE, Task
 from taskqueue.server.errors import BadRecord
 from taskqueue.server.record import (
+    MAX_COUNT,
     MAX_MESSAGE_CHARS,
     Headers,
     State,
     decode_task,
     encode_task,
     from_headers,
+    read_headers,
     to_headers,
 )
 
@@ -86,11 +88,95 @@ def test_a_non_integer_header_is_a_bad_record(name: str, value: bytes) -> None:
         from_headers(headers)
 
 
+def with_header(name: str, value: bytes) -> Headers:
+    """A valid record's headers with one of them replaced (or added)."""
+    headers = to_headers(State(id="t", due_ms=1, added_ms=1, attempt=2, replays=1))
+    return [(n, v) for n, v in headers if n != name] + [(name, value)]
+
+
+# What int() would take but the ASCII format does not: other scripts' digits,
+# separators, spaces, signs and more characters than any int64 needs.
+NOT_ASCII_DECIMAL = [
+    "١٢٣".encode(),  # Arabic-Indic digits
+    "１２".encode(),  # fullwidth digits
+    "²".encode(),
+    b"1_000",
+    b" 2 ",
+    b"2\n",
+    b"+2",
+    b"--2",
+    b"-",
+    b"1" * 21,
+    str(10**30).encode(),
+]
+
+
+@pytest.mark.parametrize("value", NOT_ASCII_DECIMAL)
+@pytest.mark.parametrize(
+    "name",
+    ["tq-due-ms", "tq-added-ms", "tq-last-attempt-ms", "tq-attempt", "tq-replays"],
+)
+def test_an_integer_not_in_ascii_decimal_is_a_bad_record(
+    name: str, value: bytes
+) -> None:
+    with pytest.raises(BadRecord, match=f"header {name} is not an integer"):
+        from_headers(with_header(name, value))
+
+
+@pytest.mark.parametrize("value", [b"-5", b"-0", b"-1"])
+@pytest.mark.parametrize("name", ["tq-attempt", "tq-replays"])
+def test_a_count_with_a_sign_is_a_bad_record(name: str, value: bytes) -> None:
+    with pytest.raises(BadRecord, match=f"header {name} is not an integer"):
+        from_headers(with_header(name, value))
+
+
+@pytest.mark.parametrize("value", [str(MAX_COUNT + 1).encode(), b"9" * 20])
+@pytest.mark.parametrize("name", ["tq-attempt", "tq-replays"])
+def test_a_count_above_its_bound_is_a_bad_record(name: str, value: bytes) -> None:
+    with pytest.raises(BadRecord, match=f"header {name} must be an integer from 0"):
+        from_headers(with_header(name, value))
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "field", "expected"),
+    [
+        ("tq-due-ms", b"-9223372036854775808", "due_ms", -(2**63)),
+        ("tq-added-ms", b"-62135596800000", "added_ms", -62_135_596_800_000),
+        ("tq-due-ms", b"99999999999999999999", "due_ms", 10**20 - 1),
+        ("tq-attempt", str(MAX_COUNT).encode(), "attempt", MAX_COUNT),
+        ("tq-replays", b"0", "replays", 0),
+        ("tq-id", b"x" * 128, "id", "x" * 128),
+        ("tq-id", b"Az09._:-", "id", "Az09._:-"),
+    ],
+)
+def test_the_extremes_of_each_form_are_read(
+    name: str, value: bytes, field: str, expected: object
+) -> None:
+    assert getattr(from_headers(with_header(name, value)), field) == expected
+
+
+@pytest.mark.parametrize(
+    "value", [b"", b"x" * 129, b"a b", b"a/b", b"t\n", "é".encode(), b"\xff"]
+)
+def test_a_task_id_add_would_refuse_is_a_bad_record(value: bytes) -> None:
+    with pytest.raises(BadRecord, match="header tq-id must be 1-128 of"):
+        from_headers(with_header("tq-id", value))
+
+
+def test_a_null_task_id_is_a_bad_record() -> None:
+    state = State(id="t", due_ms=1, added_ms=1)
+    raw: list[tuple[str, bytes | None]] = [("tq-id", None)]
+    raw += [(n, v) for n, v in to_headers(state) if n != "tq-id"]
+
+    with pytest.raises(BadRecord, match="header tq-id must be 1-128 of"):
+        from_headers(read_headers(raw))
+
+
 @pytest.mark.parametrize("missing", ["tq-id", "tq-due-ms", "tq-added-ms"])
 def test_a_missing_required_header_is_a_bad_record(missing: str) -> None:
     headers = to_headers(State(id="t", due_ms=1, added_ms=1))
 
-    with pytest.raises(BadRecord, match="bad task headers"):
+    with pytest.raises(BadRecord, match=f"header {missing} is missing"):
         from_headers([(n, v) for n, v in headers if n != missing])
 
 

@@ -71,6 +71,7 @@ class Taken:
     timestamp_ms: int
     value: bytes | None
     headers: Headers
+    key: bytes | None = None
 
     @property
     def where(self) -> str:
@@ -325,13 +326,17 @@ class Lifecycle:
         task_event(log, logging.WARNING, "dead-lettered", event, reason=reason)
 
     async def _dead_letter_raw(self, job: Job, reason: str) -> None:
-        """Park a record we cannot read, byte for byte, with the reason."""
+        """Park a record we cannot read, byte for byte, with the reason.
+
+        Its own key is kept: it is how the writer meant the record to be
+        found and partitioned, whatever else in it is wrong."""
         taken = job.taken
         headers = [h for h in taken.headers if not h[0].startswith(HEADER_PREFIX)]
         headers.append((header_name("reason"), reason.encode()))
         headers.append((header_name("origin"), taken.where.encode()))
         topic = f"{base_of(taken.topic)}.{DLQ}"
-        await self._write_raw(job, topic, taken.value or b"", headers, key=b"")
+        key = taken.key or b""
+        await self._write_raw(job, topic, taken.value or b"", headers, key=key)
         self._metrics.dead_lettered(*self._topics.authority_and_queue(taken.topic))
         log.warning("record %s dead-lettered: %s", taken.where, reason)
 

@@ -9,6 +9,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from taskqueue.protobuf.service_pb2 import Delivery, Task
 from taskqueue.server.errors import InvalidTask
+from taskqueue.server.record import TASK_ID_PATTERN
 from taskqueue.server.topics import MAX_TOPIC_LENGTH, QUEUE_RE, is_reserved_queue
 
 DEFAULT_QUEUE = "default"
@@ -34,7 +35,7 @@ _IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
 # /package.Service/Method: a dotted protobuf full name, then a method name.
 _METHOD = re.compile(rf"/(?:{_IDENTIFIER}\.)*{_IDENTIFIER}/{_IDENTIFIER}")
 _METADATA_KEY = re.compile(r"[a-z0-9_.-]{1,128}")
-_TASK_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_TASK_ID = re.compile(TASK_ID_PATTERN)
 _RESERVED_METADATA = ("grpc-", "taskqueue-", ":")
 # Headers of the HTTP/2 request itself: sent as metadata they would break the
 # call (connection-specific ones are a protocol error) or change how proxies
