@@ -5,6 +5,7 @@ from aiokafka import AIOKafkaProducer
 
 from taskqueue.protobuf.service_pb2 import Task
 from taskqueue.server.config import Config
+from taskqueue.server.dlq import read_letter
 from taskqueue.server.kafka import KafkaWriter
 from taskqueue.server.record import Headers, State, encode_task, to_headers
 from taskqueue.server.topics import Topics
@@ -102,6 +103,14 @@ async def test_a_due_time_out_of_range_is_dead_lettered_not_called(
     for letter in letters:
         reason = dict(letter.headers)["tq-reason"].decode()
         assert reason == "header tq-due-ms is out of range (years 1 to 9999)"
+    # The task's own headers stay: `dlq show` reads it, and replay can take it.
+    read = sorted(
+        (letter.task_id, letter.state) for letter in map(read_letter, letters)
+    )
+    assert [(task_id, state and state.due_ms) for task_id, state in read] == [
+        ("future", 10**18),
+        ("past", -(10**18)),
+    ]
 
 
 async def test_headers_out_of_their_ascii_form_are_dead_lettered_not_called(

@@ -2,7 +2,9 @@
 
 A raw HTTP/2 client (h2, below any gRPC library) does what gRPC libraries
 never do: stops halfway through a request, opens more streams than the server
-allows, sends a ``grpc-timeout`` already spent, or connects and says nothing.
+allows (with or without acknowledging the limit), sends a ``grpc-timeout``
+already spent or malformed, connects and says nothing, never lets an answer
+be written, or opens and resets streams by the hundred.
 Each gets a clear answer within its limit, and other clients (and the abusive
 connection's own other requests) carry on.
 
@@ -16,7 +18,7 @@ import asyncio
 import contextlib
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import pytest
@@ -39,8 +41,12 @@ from h2.events import (
     TrailersReceived,
 )
 from h2.settings import SettingCodes
+from hyperframe.frame import Frame, SettingsFrame
 
 from taskqueue.protobuf.service_grpc import TaskQueueStub
+from taskqueue.server.config import RpcConfig
+from taskqueue.server.errors import ConfigError
+from taskqueue.server.guard import MAX_CLIENT_RESETS
 from taskqueue.server.kafka import KafkaWriter
 from taskqueue.server.rpc import TaskQueueService, make_server
 from tests.conftest import make_config
@@ -49,11 +55,14 @@ from tests.test_add_errors import good_task
 
 ADD = "/taskqueue.service.TaskQueue/add"
 CHECK = "/grpc.health.v1.Health/Check"
+REFLECTION = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
 SERVICE = "taskqueue.service.TaskQueue"
 # Never contacted: the servers built here do not start their Kafka writer.
 NO_KAFKA = "127.0.0.1:1"
 READ_TIMEOUT_S = 0.5
 IDLE_TIMEOUT_S = 0.5
+# The idle timeout must be above add's own (none of these adds reach Kafka).
+IDLE_LIMITS = {"idle_timeout_s": IDLE_TIMEOUT_S, "add_timeout_s": IDLE_TIMEOUT_S / 2}
 # For a loaded machine: how much later than its limit an answer may come.
 SLACK_S = 3.0
 # asyncio may run a timer a clock tick early.
@@ -68,6 +77,17 @@ def framed(message: bytes) -> bytes:
 CHECK_REQUEST = framed(HealthCheckRequest().SerializeToString())
 
 
+def request_headers(path: str) -> list[tuple[str, str]]:
+    return [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "taskqueue"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+
+
 class RawClient:
     """An HTTP/2 client that sends exactly the frames a test asks for."""
 
@@ -79,11 +99,14 @@ class RawClient:
         )
         self.events: list[tuple[float, Event]] = []  # (time.monotonic(), event)
         self.closed_at: float | None = None
+        self.last_sent_at: float | None = None
         self._arrived = asyncio.Event()
         self._reading: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    def start(self, settings: Mapping[SettingCodes, int] | None = None) -> None:
         self.h2.initiate_connection()
+        if settings:
+            self.h2.update_settings({code: value for code, value in settings.items()})
         self._flush()
         self._reading = asyncio.create_task(self._read())
 
@@ -106,8 +129,21 @@ class RawClient:
         self._arrived.set()
 
     def _flush(self) -> None:
-        if not self._writer.is_closing():
-            self._writer.write(self.h2.data_to_send())
+        data = self.h2.data_to_send()
+        if data and not self._writer.is_closing():
+            self._writer.write(data)
+            self.last_sent_at = time.monotonic()
+
+    def never_acknowledge_settings(self) -> None:
+        """Apply the server's SETTINGS but never say so, as a hostile client
+        may: h2 (private API) returns the ACK frame from its handler."""
+        receive = self.h2._frame_dispatch_table[SettingsFrame]
+
+        def receive_silently(frame: SettingsFrame) -> tuple[list[Frame], list[Event]]:
+            frames, events = receive(frame)
+            return [f for f in frames if "ACK" not in f.flags], events
+
+        self.h2._frame_dispatch_table[SettingsFrame] = receive_silently
 
     async def wait_until(
         self, condition: Callable[[], bool], timeout_s: float = SLACK_S
@@ -138,14 +174,7 @@ class RawClient:
     ) -> int:
         """Start a request on a new stream; it stalls there unless ``end``."""
         stream_id = self.h2.get_next_available_stream_id()
-        headers = [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", path),
-            (":authority", "taskqueue"),
-            ("content-type", "application/grpc"),
-            ("te", "trailers"),
-        ]
+        headers = request_headers(path)
         if timeout is not None:
             headers.append(("grpc-timeout", timeout))
         self.h2.send_headers(stream_id, headers, end_stream=end and not data)
@@ -156,6 +185,18 @@ class RawClient:
 
     def cancel(self, stream_id: int) -> None:
         self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
+        self._flush()
+
+    def rapid_reset(self, count: int) -> None:
+        """Open ``count`` requests and reset each at once, in one write."""
+        for _ in range(count):
+            stream_id = self.h2.get_next_available_stream_id()
+            self.h2.send_headers(stream_id, request_headers(ADD))
+            self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
+        self._flush()
+
+    def ping(self) -> None:
+        self.h2.ping(b"still up")
         self._flush()
 
     def status(self, stream_id: int) -> tuple[int, str] | None:
@@ -200,10 +241,17 @@ def _text(value: bytes | str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def raw_client(port: int) -> AsyncIterator[RawClient]:
+async def raw_client(
+    port: int,
+    settings: Mapping[SettingCodes, int] | None = None,
+    *,
+    acknowledge_settings: bool = True,
+) -> AsyncIterator[RawClient]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     client = RawClient(reader, writer)
-    client.start()
+    if not acknowledge_settings:
+        client.never_acknowledge_settings()
+    client.start(settings)
     try:
         yield client
     finally:
@@ -297,6 +345,22 @@ async def test_streams_beyond_the_limit_are_refused_alone() -> None:
     assert other == HealthCheckResponse.SERVING
 
 
+async def test_a_client_that_never_acknowledges_the_limit_is_held_to_it() -> None:
+    limit = 3
+    async with (
+        bare_rpc(max_concurrent_streams=limit) as bare,
+        raw_client(bare.port, acknowledge_settings=False) as raw,
+    ):
+        await raw.settled(limit)
+        raw.ignore_stream_limit()
+        streams = [raw.open(ADD) for _ in range(limit + 2)]  # each one stalls
+        await raw.wait_until(lambda: all(raw.refused(s) for s in streams[limit:]))
+
+    # Unacknowledged, the limit would be h2's default of 100.
+    assert not any(raw.refused(s) or raw.status(s) for s in streams[:limit])
+    assert raw.goaway() is None
+
+
 async def test_a_grpclib_client_keeps_within_the_limit_next_to_an_abusive_one(
     kafka_bootstrap: str,
 ) -> None:
@@ -340,6 +404,30 @@ async def test_a_request_arriving_after_its_deadline_is_deadline_exceeded(
     assert "deadline (grpc-timeout) had passed" in message, message
 
 
+MALFORMED_TIMEOUTS = {
+    "negative": "-1S",
+    "fraction": "1.5S",
+    "letters": "abc",
+    "empty": "",
+    "overflowing": "1" * 400 + "S",
+    "thousands-of-digits": "1" * 5000 + "n",
+}
+
+
+@pytest.mark.parametrize(
+    "malformed", MALFORMED_TIMEOUTS.values(), ids=MALFORMED_TIMEOUTS.keys()
+)
+async def test_a_malformed_grpc_timeout_is_invalid_argument(malformed: str) -> None:
+    async with bare_rpc() as bare, raw_client(bare.port) as raw:
+        request = framed(good_task().SerializeToString())
+        stream = raw.open(ADD, request, end=True, timeout=malformed)
+        await raw.wait_until(lambda: raw.status(stream) is not None)
+
+    status, message = raw.status(stream) or (None, "")
+    assert status == Status.INVALID_ARGUMENT.value, message
+    assert "grpc-timeout header" in message, message
+
+
 async def test_a_deadline_passing_while_the_request_arrives_is_deadline_exceeded() -> (
     None
 ):
@@ -360,10 +448,7 @@ async def test_a_deadline_passing_while_the_request_arrives_is_deadline_exceeded
 
 
 async def test_a_connection_without_requests_is_closed_with_goaway() -> None:
-    async with (
-        bare_rpc(idle_timeout_s=IDLE_TIMEOUT_S) as bare,
-        raw_client(bare.port) as raw,
-    ):
+    async with bare_rpc(**IDLE_LIMITS) as bare, raw_client(bare.port) as raw:
         started = time.monotonic()
         await raw.wait_until(lambda: raw.closed_at is not None)
 
@@ -373,19 +458,87 @@ async def test_a_connection_without_requests_is_closed_with_goaway() -> None:
     assert IDLE_TIMEOUT_S - EARLY_S <= goaway[0] - started <= IDLE_TIMEOUT_S + SLACK_S
 
 
-async def test_a_connection_is_idle_only_once_its_requests_ended() -> None:
-    limits = {"idle_timeout_s": IDLE_TIMEOUT_S, "request_read_timeout_s": 1.0}
-    async with bare_rpc(**limits) as bare, raw_client(bare.port) as raw:
-        stalled = raw.open(ADD)
+async def hold_silently(raw: RawClient) -> int:
+    """A client-streaming request whose client never sends a message."""
+    return raw.open(REFLECTION)
+
+
+async def hold_unwritable(raw: RawClient) -> int:
+    """A whole request whose answer cannot be written (its client opened a
+    flow-control window of 0 bytes)."""
+    return raw.open(CHECK, CHECK_REQUEST, end=True)
+
+
+HOLDS = {"silent-stream": hold_silently, "window-zero": hold_unwritable}
+
+
+@pytest.mark.parametrize("hold", HOLDS.values(), ids=HOLDS.keys())
+async def test_a_silent_connection_is_closed_though_streams_are_open(
+    hold: Callable[[RawClient], Awaitable[int]],
+) -> None:
+    no_window = {SettingCodes.INITIAL_WINDOW_SIZE: 0}
+    async with (
+        bare_rpc(**IDLE_LIMITS) as bare,
+        raw_client(bare.port, no_window) as raw,
+    ):
+        held = await hold(raw)
         await raw.wait_until(lambda: raw.closed_at is not None)
 
-    # The read timeout ended the request; only then could the idle one run.
-    status, message = raw.status(stalled) or (None, "")
+    # Held: nothing answered it. Closed: from the client's last bytes on.
     goaway = raw.goaway()
-    assert status == Status.DEADLINE_EXCEEDED.value, message
-    assert "rpc.request_read_timeout_s" in message
+    assert raw.status(held) is None
     assert goaway is not None
-    assert goaway[0] - (raw.answered_at(stalled) or 0) >= IDLE_TIMEOUT_S - EARLY_S
+    assert goaway[1].error_code == ErrorCodes.NO_ERROR
+    silent_s = goaway[0] - (raw.last_sent_at or 0)
+    assert IDLE_TIMEOUT_S - EARLY_S <= silent_s <= IDLE_TIMEOUT_S + SLACK_S
+
+
+async def test_any_frame_from_the_client_keeps_its_connection_open() -> None:
+    async with bare_rpc(**IDLE_LIMITS) as bare, raw_client(bare.port) as raw:
+        for _ in range(12):  # three idle timeouts long
+            raw.ping()
+            await asyncio.sleep(IDLE_TIMEOUT_S / 4)
+        open_after_pings = raw.closed_at is None
+        await raw.wait_until(lambda: raw.closed_at is not None)
+
+    goaway = raw.goaway()
+    assert open_after_pings
+    assert goaway is not None
+    assert goaway[0] - (raw.last_sent_at or 0) >= IDLE_TIMEOUT_S - EARLY_S
+
+
+def test_the_idle_timeout_must_outlast_an_add() -> None:
+    # Else a connection whose add waits for Kafka could be closed under it.
+    with pytest.raises(ConfigError, match=r"rpc\.idle_timeout_s must be above"):
+        make_config(NO_KAFKA, rpc={"idle_timeout_s": 5, "add_timeout_s": 5})
+    assert RpcConfig().idle_timeout_s > RpcConfig().add_timeout_s
+
+
+async def test_a_client_resetting_streams_in_bulk_is_told_to_calm_down() -> None:
+    async with (
+        bare_rpc() as bare,
+        raw_client(bare.port) as raw,
+        Channel("127.0.0.1", bare.port) as channel,
+    ):
+        health = HealthStub(channel)
+        before = await health.Check(HealthCheckRequest(), timeout=5)
+        # As many resets as a connection may make: it carries on...
+        raw.rapid_reset(MAX_CLIENT_RESETS)
+        within = raw.open(CHECK, CHECK_REQUEST, end=True)
+        await raw.wait_until(lambda: raw.status(within) is not None)
+        open_within_budget = raw.closed_at is None and raw.goaway() is None
+        # ... and one more ends it.
+        raw.rapid_reset(1)
+        await raw.wait_until(lambda: raw.closed_at is not None)
+        after = await health.Check(HealthCheckRequest(), timeout=5)
+
+    goaway = raw.goaway()
+    assert open_within_budget
+    assert raw.status(within) == (Status.OK.value, "")
+    assert goaway is not None
+    assert goaway[1].error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    # Another client's connection was not touched.
+    assert before.status == after.status == HealthCheckResponse.SERVING
 
 
 async def test_calls_whose_requests_arrived_outlive_the_read_timeout() -> None:

@@ -96,9 +96,19 @@ class RpcConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True)
     # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; more are refused one by one
     # (REFUSED_STREAM), the connection and its other requests unharmed.
     max_concurrent_streams: Count = 256
-    # A connection with no request under way for this long is closed (GOAWAY,
-    # then the socket); clients connect again on their next call.
+    # A connection from which nothing at all (no request, no data, no PING)
+    # arrived for this long is closed (GOAWAY, then the socket), requests
+    # under way or not: a stream whose client never sends, or never lets the
+    # answer be written, holds no socket for good. A health Watch from a
+    # client that says nothing meanwhile is closed too; Watch clients open it
+    # again, as others connect again on their next call. Must be above
+    # add_timeout_s, so that an `add` waiting for Kafka is answered first.
     idle_timeout_s: Positive = 300.0
+
+    def __post_init__(self) -> None:
+        if self.idle_timeout_s <= self.add_timeout_s:
+            # msgspec reports it as invalid, naming the section.
+            raise ValueError("rpc.idle_timeout_s must be above rpc.add_timeout_s")
 
 
 class WorkerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -13,6 +13,8 @@ handler (``guard.py``) do so for their own two.
     ├── CallerNotAllowed     not for this caller           -> PERMISSION_DENIED
     ├── DeadlineExceeded     the caller's deadline passed  -> DEADLINE_EXCEEDED
     ├── RequestTimedOut      the request stalled midway    -> DEADLINE_EXCEEDED
+    ├── InvalidTimeout       a malformed grpc-timeout      -> INVALID_ARGUMENT
+    ├── ResetFlood           a rapid-reset client (closes its connection)
     ├── BrokerUnavailable    Kafka did not acknowledge     -> UNAVAILABLE
     │   └── TopicRefused     a queue's topic name collides -> INVALID_ARGUMENT
     ├── BadRecord            a Kafka record we cannot read (dead-lettered)
@@ -75,6 +77,19 @@ class RequestTimedOut(TaskQueueError):
     """
 
     status = Status.DEADLINE_EXCEEDED
+
+
+class InvalidTimeout(TaskQueueError):
+    """A request's ``grpc-timeout`` header is not a timeout gRPC can encode."""
+
+    status = Status.INVALID_ARGUMENT
+
+
+class ResetFlood(TaskQueueError):
+    """A client reset too many streams too fast (guard.py's rapid-reset limit).
+
+    It ends the connection with GOAWAY; no request is answered with it.
+    """
 
 
 class BrokerUnavailable(TaskQueueError):

@@ -6,17 +6,27 @@ grpclib serves HTTP/2 through h2 and leaves these to its user:
   ends the whole connection with every request on it; RFC 9113 §5.1.2 wants
   only that stream refused. The server advertises
   ``rpc.max_concurrent_streams`` and answers each stream beyond it with
-  RST_STREAM REFUSED_STREAM, which tells the client it may safely retry.
+  RST_STREAM REFUSED_STREAM, which tells the client it may safely retry. h2
+  applies an advertised limit only once the client acknowledged it, so the
+  limit is also counted here, for clients that never do.
 - Stalled requests. A unary request that its caller does not finish sending
   within ``rpc.request_read_timeout_s`` is answered DEADLINE_EXCEEDED, and
   what it had sent is released with its stream.
-- Idle connections. One with no request under way for ``rpc.idle_timeout_s``
-  (none ever, or none since the last one ended) is closed with GOAWAY, so
-  that silent sockets cannot pile up.
+- Silent connections. One from which nothing at all (not even a PING) has
+  arrived for ``rpc.idle_timeout_s`` is closed with GOAWAY, whether or not
+  it has streams open: a stream whose client never sends, or never lets the
+  answer be written (a flow-control window of 0), cannot hold its socket
+  forever. ``rpc.idle_timeout_s`` is above ``rpc.add_timeout_s``, so an
+  ``add`` waiting for Kafka is answered first.
+- Rapid reset (CVE-2023-44487). A client that opens and resets streams in a
+  loop makes grpclib keep state for each until the connection ends; one that
+  resets more than ``MAX_CLIENT_RESETS`` streams within ``RESET_WINDOW_S``
+  gets GOAWAY ENHANCE_YOUR_CALM and its connection is closed.
 - The caller's deadline. grpclib answers UNKNOWN to a request whose
-  ``grpc-timeout`` is spent when its handler starts (``1n``, ``0n``), so the
-  deadline is taken from the headers before grpclib reads them and enforced
-  here, as DEADLINE_EXCEEDED with a message that says so.
+  ``grpc-timeout`` is spent when its handler starts (``1n``, ``0n``), and to
+  one whose ``grpc-timeout`` is malformed. So the header is taken out before
+  grpclib reads it: a spent deadline is answered DEADLINE_EXCEEDED, a
+  malformed one INVALID_ARGUMENT, each with a message that says so.
 
 These reach below the public APIs of grpclib 0.4 and h2 4; each such place
 says so, and tests/test_security_slow_clients.py pins them.
@@ -48,14 +58,27 @@ from hpack.exceptions import HPACKError
 from hyperframe.frame import Frame, HeadersFrame, RstStreamFrame
 
 from taskqueue.server.config import RpcConfig
-from taskqueue.server.errors import DeadlineExceeded, RequestTimedOut
+from taskqueue.server.errors import (
+    DeadlineExceeded,
+    InvalidTimeout,
+    RequestTimedOut,
+    ResetFlood,
+)
 
 log = logging.getLogger(__name__)
 
-Headers = list[tuple[str, str]]
-Deadlines = weakref.WeakKeyDictionary[RawStream, Deadline]
-FrameResult = tuple[list[Frame], list[Event]]
 TIMEOUT_HEADER = "grpc-timeout"
+# A client cancelling its calls resets their streams: 20 a second, sustained
+# on one connection, is far more than that needs, while a rapid-reset attack
+# sends thousands. A client whose calls time out in bulk could still reach
+# it; it loses that connection as on any network error and opens another.
+MAX_CLIENT_RESETS = 200
+RESET_WINDOW_S = 10.0
+
+
+Headers = list[tuple[str, str]]
+Deadlines = weakref.WeakKeyDictionary[RawStream, Deadline | InvalidTimeout]
+FrameResult = tuple[list[Frame], list[Event]]
 
 
 class GuardedServer(Server):
@@ -89,16 +112,22 @@ class GuardedServer(Server):
             read_timeout_s = self._rpc.request_read_timeout_s
 
         async def guarded(stream: "Stream[Any, Any]") -> None:
-            # grpclib's Stream hands its h2 stream over only as ``_stream``.
-            deadline = self._deadlines.pop(stream._stream, None)
-            stream.deadline = deadline
             try:
+                deadline = self._deadline_of(stream)
+                stream.deadline = deadline
                 await _TimeLimits(stream, deadline, read_timeout_s).run(handle)
-            except (DeadlineExceeded, RequestTimedOut) as exc:
+            except (DeadlineExceeded, RequestTimedOut, InvalidTimeout) as exc:
                 log.info("request refused: %s %s: %s", method, exc.status.name, exc)
                 raise GRPCError(exc.status, str(exc)) from None
 
         event.method_func = guarded
+
+    def _deadline_of(self, stream: "Stream[Any, Any]") -> Deadline | None:
+        # grpclib's Stream hands its h2 stream over only as ``_stream``.
+        deadline = self._deadlines.pop(stream._stream, None)
+        if isinstance(deadline, InvalidTimeout):
+            raise deadline
+        return deadline
 
 
 class _TimeLimits:
@@ -172,14 +201,13 @@ def _request_ended(stream: "Stream[Any, Any]") -> bool:
 class _Requests(AbstractHandler):
     """grpclib's request handler of one connection, seen from that connection.
 
-    It takes each request's deadline out of its headers (for ``GuardedServer``
-    to enforce) and notes when the connection last started or ended one.
+    It takes each request's deadline out of its headers, for ``GuardedServer``
+    to enforce.
     """
 
     def __init__(self, inner: AbstractHandler, deadlines: Deadlines) -> None:
         self._inner = inner
         self._deadlines = deadlines
-        self.last_active_s = time.monotonic()
 
     def accept(
         self,
@@ -187,14 +215,8 @@ class _Requests(AbstractHandler):
         headers: Headers,
         release_stream: Callable[[], None],
     ) -> None:
-        self.last_active_s = time.monotonic()
         headers = self._take_deadline(stream, headers)
-
-        def release() -> None:
-            self.last_active_s = time.monotonic()
-            release_stream()
-
-        self._inner.accept(stream, headers, release)
+        self._inner.accept(stream, headers, release_stream)
 
     def cancel(self, stream: RawStream) -> None:
         self._inner.cancel(stream)
@@ -205,16 +227,22 @@ class _Requests(AbstractHandler):
     def _take_deadline(self, stream: RawStream, headers: Headers) -> Headers:
         try:
             deadline = Deadline.from_headers(headers)
-        except ValueError:
-            return headers  # malformed: grpclib answers that one itself
-        if deadline is None:
-            return headers
-        self._deadlines[stream] = deadline
+        except (ValueError, OverflowError):
+            # Overflow: hundreds of digits, more than a float holds.
+            self._deadlines[stream] = InvalidTimeout(
+                f"Invalid {TIMEOUT_HEADER} header: expected an integer and a "
+                "unit (H, M, S, m, u or n), like 500m"
+            )
+        else:
+            if deadline is None:
+                return headers
+            self._deadlines[stream] = deadline
         return [(name, value) for name, value in headers if name != TIMEOUT_HEADER]
 
 
 class _Connection(H2Protocol):
-    """One client's connection: its stream limit and its idle timer."""
+    """One client's connection: its stream limit, its budget of stream resets
+    and its idle timer."""
 
     def __init__(
         self,
@@ -224,10 +252,10 @@ class _Connection(H2Protocol):
         rpc: RpcConfig,
     ) -> None:
         super().__init__(requests, config, h2_config)
-        self._requests = requests
         self._rpc = rpc
         self._idle_timer: asyncio.TimerHandle | None = None
         self._lost = False
+        self._last_received_s = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -237,9 +265,19 @@ class _Connection(H2Protocol):
         h2 = self.connection._connection
         limit = self._rpc.max_concurrent_streams
         h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: limit})
-        _refuse_excess_streams(h2)
+        _refuse_excess_streams(h2, limit)
+        _limit_client_resets(h2, _ResetBudget())
         self.connection.flush()
         self._check_idle_in(self._rpc.idle_timeout_s)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_received_s = time.monotonic()
+        try:
+            super().data_received(data)
+        except ResetFlood as exc:
+            peer = self.connection.get_peer().addr()
+            log.info("closing the connection of %s: %s", peer, exc)
+            self._go_away(ErrorCodes.ENHANCE_YOUR_CALM)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._lost = True
@@ -255,31 +293,59 @@ class _Connection(H2Protocol):
     def _close_if_idle(self) -> None:
         if self.connection.is_closing():
             return
-        h2 = self.connection._connection
         timeout_s = self._rpc.idle_timeout_s
-        idle_s = time.monotonic() - self._requests.last_active_s
-        if h2.open_inbound_streams:
-            self._check_idle_in(timeout_s)
-        elif idle_s < timeout_s:
+        idle_s = time.monotonic() - self._last_received_s
+        if idle_s < timeout_s:
             self._check_idle_in(timeout_s - idle_s)
         else:
-            log.debug("closing a connection idle for %.1fs", idle_s)
-            # GOAWAY first: the client learns that none of its requests was lost.
-            h2.close_connection()
-            self.connection.flush()
-            self.connection.close()
+            log.debug("closing a connection silent for %.1fs", idle_s)
+            self._go_away(ErrorCodes.NO_ERROR)
+
+    def _go_away(self, error_code: ErrorCodes) -> None:
+        # GOAWAY first: it tells the client which of its requests were seen.
+        self.connection._connection.close_connection(error_code)
+        self.connection.flush()
+        self.connection.close()
 
 
-def _refuse_excess_streams(h2: H2Connection) -> None:
-    """Make a stream beyond the limit a stream error, as RFC 9113 §5.1.2 says.
+class _ResetBudget:
+    """How many more streams a client may reset in the current window."""
+
+    def __init__(self) -> None:
+        self._window_ends_s = 0.0
+        self._left = 0
+
+    def spend(self) -> None:
+        """Count one reset; raise ResetFlood beyond the budget."""
+        now_s = time.monotonic()
+        if now_s >= self._window_ends_s:
+            self._window_ends_s = now_s + RESET_WINDOW_S
+            self._left = MAX_CLIENT_RESETS
+        if not self._left:
+            raise ResetFlood(
+                f"it reset more than {MAX_CLIENT_RESETS} streams within "
+                f"{RESET_WINDOW_S:g}s"
+            )
+        self._left -= 1
+
+
+def _refuse_excess_streams(h2: H2Connection, limit: int) -> None:
+    """Make a stream beyond ``limit`` a stream error, as RFC 9113 §5.1.2 says.
 
     h2 4 raises TooManyStreamsError, a connection error, from its private
     handler of HEADERS frames; this wraps that handler in the connection's
-    private table of frame handlers.
+    private table of frame handlers. h2 counts against the limit the client
+    acknowledged (100 until it does), so until then the wrapper counts too.
     """
     receive_headers = h2._frame_dispatch_table[HeadersFrame]
 
     def receive(frame: HeadersFrame) -> FrameResult:
+        if (
+            h2.local_settings.max_concurrent_streams != limit
+            and frame.stream_id not in h2.streams
+            and h2.open_inbound_streams >= limit
+        ):
+            return _refuse(h2, frame)
         try:
             result: FrameResult = receive_headers(frame)
         except TooManyStreamsError:
@@ -287,6 +353,23 @@ def _refuse_excess_streams(h2: H2Connection) -> None:
         return result
 
     h2._frame_dispatch_table[HeadersFrame] = receive
+
+
+def _limit_client_resets(h2: H2Connection, budget: _ResetBudget) -> None:
+    """Count the streams the client resets against ``budget``.
+
+    Wraps h2 4's private handler of RST_STREAM frames, in the same private
+    table as ``_refuse_excess_streams``. ResetFlood leaves h2 halfway through
+    the bytes it was given, which is fine: the connection is closed for it.
+    """
+    receive_reset = h2._frame_dispatch_table[RstStreamFrame]
+
+    def receive(frame: RstStreamFrame) -> FrameResult:
+        budget.spend()
+        result: FrameResult = receive_reset(frame)
+        return result
+
+    h2._frame_dispatch_table[RstStreamFrame] = receive
 
 
 def _refuse(h2: H2Connection, frame: HeadersFrame) -> FrameResult:

@@ -31,7 +31,6 @@ from taskqueue.server.logs import TaskEvent, task_event
 from taskqueue.server.metrics import IN_PLACE, MAIN, Metrics
 from taskqueue.server.policy import Failure, GiveUp, Policy
 from taskqueue.server.record import (
-    HEADER_PREFIX,
     Headers,
     State,
     decode_task,
@@ -326,14 +325,18 @@ class Lifecycle:
         task_event(log, logging.WARNING, "dead-lettered", event, reason=reason)
 
     async def _dead_letter_raw(self, job: Job, reason: str) -> None:
-        """Park a record we cannot read, byte for byte, with the reason.
+        """Park a record we cannot use, byte for byte, with the reason.
 
-        Its own key is kept: it is how the writer meant the record to be
-        found and partitioned, whatever else in it is wrong."""
+        Its own key and headers are kept: the key is how the writer meant the
+        record to be found and partitioned, and a task whose headers can be
+        read (one refused for its due time or its authority, say) stays
+        readable to ``taskqueue dlq show`` and can be replayed."""
         taken = job.taken
-        headers = [h for h in taken.headers if not h[0].startswith(HEADER_PREFIX)]
-        headers.append((header_name("reason"), reason.encode()))
-        headers.append((header_name("origin"), taken.where.encode()))
+        ours = (header_name("reason"), header_name("origin"))
+        headers = [h for h in taken.headers if h[0] not in ours]
+        origin = dict(taken.headers).get(ours[1]) or taken.where.encode()
+        headers.append((ours[0], reason.encode()))
+        headers.append((ours[1], origin))
         topic = f"{base_of(taken.topic)}.{DLQ}"
         key = taken.key or b""
         await self._write_raw(job, topic, taken.value or b"", headers, key=key)
