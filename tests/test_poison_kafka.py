@@ -1,7 +1,7 @@
 """Records `add` would never write, put straight into a task topic by another
 tool: each is dead-lettered with its reason, and what follows is called."""
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from taskqueue.protobuf.service_pb2 import Task
 from taskqueue.server.config import Config
@@ -10,7 +10,7 @@ from taskqueue.server.kafka import KafkaWriter
 from taskqueue.server.record import Headers, State, encode_task, to_headers
 from taskqueue.server.topics import Topics
 from tests.conftest import make_config
-from tests.support import read_topic, target, worker
+from tests.support import Target, read_topic, target, worker
 from tests.test_ladder_kafka import task
 
 # A record's value, headers and key.
@@ -43,6 +43,20 @@ def spoiled(record: Record, name: str, value: bytes) -> Record:
     """The record with one of its headers replaced."""
     task, headers, key = record
     return task, [(n, v) for n, v in headers if n != name] + [(name, value)], key
+
+
+async def dead_letters(
+    config: Config, cafe: Target, records: list[Record], count: int
+) -> list[ConsumerRecord]:
+    """Write ``records`` to the queue, run a worker until the one good task is
+    called, and read the ``count`` dead letters of the others."""
+    topics = Topics(config.topics.prefix)
+    await write(config, topics.main(cafe.authority, "default"), records)
+    async with worker(config):
+        await cafe.wait_calls(1)
+        return await read_topic(
+            config.kafka.bootstrap_servers, topics.dlq(cafe.authority, "default"), count
+        )
 
 
 async def test_poison_records_are_dead_lettered_and_do_not_block(
@@ -86,17 +100,11 @@ async def test_a_due_time_out_of_range_is_dead_lettered_not_called(
     """No calendar holds it: the worker could neither wait for it nor tell the
     target when the call was due (replayed tasks never carry one)."""
     config = make_config(kafka_bootstrap, kafka={"partitions": 1})
-    topics = Topics(config.topics.prefix)
 
     async with target() as cafe:
         dues_ms = {"past": -(10**18), "future": 10**18, "good": 0}
         records = [valid(task(cafe.authority), i, d) for i, d in dues_ms.items()]
-        await write(config, topics.main(cafe.authority, "default"), records)
-        async with worker(config):
-            await cafe.wait_calls(1)
-            letters = await read_topic(
-                kafka_bootstrap, topics.dlq(cafe.authority, "default"), 2
-            )
+        letters = await dead_letters(config, cafe, records, 2)
 
     assert [c.metadata["taskqueue-task-id"] for c in cafe.calls] == ["good"]
     assert len(letters) == 2
@@ -120,7 +128,6 @@ async def test_headers_out_of_their_ascii_form_are_dead_lettered_not_called(
     record claiming them must not be called (nor retried more than its policy
     allows); its dead letter keeps the record's own key."""
     config = make_config(kafka_bootstrap, kafka={"partitions": 1})
-    topics = Topics(config.topics.prefix)
 
     async with target() as cafe:
         spoils = {
@@ -133,12 +140,7 @@ async def test_headers_out_of_their_ascii_form_are_dead_lettered_not_called(
             for task_id, spoil in spoils.items()
         ]
         records.append(valid(task(cafe.authority), "good"))
-        await write(config, topics.main(cafe.authority, "default"), records)
-        async with worker(config):
-            await cafe.wait_calls(1)
-            letters = await read_topic(
-                kafka_bootstrap, topics.dlq(cafe.authority, "default"), 3
-            )
+        letters = await dead_letters(config, cafe, records, 3)
 
     assert [c.metadata["taskqueue-task-id"] for c in cafe.calls] == ["good"]
     not_digits = "is not an integer in ASCII digits (no sign, at most 20 characters)"

@@ -388,18 +388,23 @@ async def test_a_grpclib_client_keeps_within_the_limit_next_to_an_abusive_one(
     assert not any(raw.refused(s) for s in streams[:limit])
 
 
+async def add_with_timeout(header: str) -> tuple[int | None, str]:
+    """The status and message of an add sent with ``grpc-timeout: header``."""
+    async with bare_rpc() as bare, raw_client(bare.port) as raw:
+        request = framed(good_task().SerializeToString())
+        stream = raw.open(ADD, request, end=True, timeout=header)
+        await raw.wait_until(lambda: raw.status(stream) is not None)
+    return raw.status(stream) or (None, "")
+
+
 @pytest.mark.parametrize("spent", ["1n", "0n", "1u"])
 async def test_a_request_arriving_after_its_deadline_is_deadline_exceeded(
     spent: str,
 ) -> None:
-    async with bare_rpc() as bare, raw_client(bare.port) as raw:
-        request = framed(good_task().SerializeToString())
-        stream = raw.open(ADD, request, end=True, timeout=spent)
-        await raw.wait_until(lambda: raw.status(stream) is not None)
+    status, message = await add_with_timeout(spent)
 
     # Handled at all, the task would have waited for Kafka (there is none)
     # until add_timeout_s and got UNAVAILABLE.
-    status, message = raw.status(stream) or (None, "")
     assert status == Status.DEADLINE_EXCEEDED.value, message
     assert "deadline (grpc-timeout) had passed" in message, message
 
@@ -418,12 +423,8 @@ MALFORMED_TIMEOUTS = {
     "malformed", MALFORMED_TIMEOUTS.values(), ids=MALFORMED_TIMEOUTS.keys()
 )
 async def test_a_malformed_grpc_timeout_is_invalid_argument(malformed: str) -> None:
-    async with bare_rpc() as bare, raw_client(bare.port) as raw:
-        request = framed(good_task().SerializeToString())
-        stream = raw.open(ADD, request, end=True, timeout=malformed)
-        await raw.wait_until(lambda: raw.status(stream) is not None)
+    status, message = await add_with_timeout(malformed)
 
-    status, message = raw.status(stream) or (None, "")
     assert status == Status.INVALID_ARGUMENT.value, message
     assert "grpc-timeout header" in message, message
 
