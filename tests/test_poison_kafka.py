@@ -45,6 +45,11 @@ def spoiled(record: Record, name: str, value: bytes) -> Record:
     return task, [(n, v) for n, v in headers if n != name] + [(name, value)], key
 
 
+def keyless(record: Record) -> Record:
+    task, headers, _ = record
+    return task, headers, None
+
+
 async def dead_letters(
     config: Config, cafe: Target, records: list[Record], count: int
 ) -> list[ConsumerRecord]:
@@ -76,7 +81,9 @@ async def test_poison_records_are_dead_lettered_and_do_not_block(
             [
                 (b"\xff\x00 not a task", [], None),
                 valid(elsewhere, "elsewhere"),
-                valid(bad_metadata, "bad-metadata"),
+                # Written by another client, without a key: its letter's key
+                # is its task id.
+                keyless(valid(bad_metadata, "bad-metadata")),
                 valid(good, "good"),
             ],
         )
@@ -92,6 +99,7 @@ async def test_poison_records_are_dead_lettered_and_do_not_block(
     assert "not its topic's" in reasons[1]
     assert "metadata key" in reasons[2]
     assert letters[0].value == b"\xff\x00 not a task"
+    assert [r.key for r in letters[1:]] == [b"elsewhere", b"bad-metadata"]
 
 
 async def test_a_due_time_out_of_range_is_dead_lettered_not_called(

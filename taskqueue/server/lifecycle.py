@@ -338,7 +338,8 @@ class Lifecycle:
         headers.append((ours[0], reason.encode()))
         headers.append((ours[1], origin))
         topic = f"{base_of(taken.topic)}.{DLQ}"
-        key = taken.key or b""
+        # Keyless (another client wrote it): the task id, when it has one.
+        key = taken.key or dict(taken.headers).get(header_name("id")) or b""
         await self._write_raw(job, topic, taken.value or b"", headers, key=key)
         self._metrics.dead_lettered(*self._topics.authority_and_queue(taken.topic))
         log.warning("record %s dead-lettered: %s", taken.where, reason)
