@@ -7,6 +7,7 @@ from aiokafka import TopicPartition
 from taskqueue.protobuf.service_pb2 import AT_MOST_ONCE, Task
 from taskqueue.server.config import Config
 from taskqueue.server.topics import Topics
+from taskqueue.server.worker import Worker
 from tests.conftest import make_config
 from tests.support import Received, rpc_server, target, worker
 from tests.test_delivery import committed_offset
@@ -21,6 +22,19 @@ async def wait_until_committed(config: Config, tp: TopicPartition, offset: int) 
     async with asyncio.timeout(30):
         while (await committed_offset(config, tp) or 0) < offset:
             await asyncio.sleep(0.1)
+
+
+async def settled_group(*workers: Worker) -> None:
+    """Wait until every worker is in the group and the one partition is held
+    by one of them: a worker joining late would rebalance them later on."""
+
+    def settled() -> bool:
+        held = sum(len(w.assigned_partitions()) for w in workers)
+        return all(w.assignments for w in workers) and held == 1
+
+    async with asyncio.timeout(30):
+        while not settled():
+            await asyncio.sleep(0.05)
 
 
 async def test_calls_longer_than_the_poll_interval_cause_no_rebalance(
@@ -44,6 +58,7 @@ async def test_calls_longer_than_the_poll_interval_cause_no_rebalance(
     ):
         await add(port, task(cafe.authority))
         await cafe.wait_calls(1)
+        await settled_group(first, second)
         settled = (first.assignments, second.assignments)
         await add(port, *(task(cafe.authority) for _ in range(3)))
         # Four 3 s calls, two at a time, on one partition: 6 s of busy slots.
