@@ -1,6 +1,8 @@
 """The dispatch engine on a real broker (CASES.md C01, C08, C12; isolation)."""
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from aiokafka import TopicPartition
 
@@ -9,7 +11,7 @@ from taskqueue.server.config import Config
 from taskqueue.server.topics import Topics
 from taskqueue.server.worker import Worker
 from tests.conftest import make_config
-from tests.support import Received, rpc_server, target, worker
+from tests.support import Received, Target, rpc_server, target, worker
 from tests.test_delivery import committed_offset
 from tests.test_ladder_kafka import add, task
 
@@ -174,13 +176,12 @@ async def test_deadline_exceeded_is_retried_with_the_same_task_id(
     assert len(calls) == 3
 
 
-async def test_a_slow_authority_does_not_hold_up_another(kafka_bootstrap: str) -> None:
-    """Invariant 4: a backlog on one queue pauses that queue, not the others."""
-    config = make_config(
-        kafka_bootstrap,
-        worker={"concurrency": 20, "max_pending": 40, "max_pending_per_queue": 10},
-        authority_limits=[{"authority": "127.0.0.1:*", "concurrency": 2}],
-    )
+@asynccontextmanager
+async def stuck_beside_quick(
+    config: Config,
+) -> AsyncIterator[tuple[Target, Target, int, Worker, asyncio.Event]]:
+    """A target that holds every call until the event is set, a quick one,
+    and the rpc server and a worker serving both."""
     stuck = asyncio.Event()
 
     async def hang(_: Received) -> None:
@@ -190,8 +191,19 @@ async def test_a_slow_authority_does_not_hold_up_another(kafka_bootstrap: str) -
         target(hang) as slow,
         target() as quick,
         rpc_server(config) as port,
-        worker(config) as w,
+        worker(config) as running,
     ):
+        yield slow, quick, port, running, stuck
+
+
+async def test_a_slow_authority_does_not_hold_up_another(kafka_bootstrap: str) -> None:
+    """Invariant 4: a backlog on one queue pauses that queue, not the others."""
+    config = make_config(
+        kafka_bootstrap,
+        worker={"concurrency": 20, "max_pending": 40, "max_pending_per_queue": 10},
+        authority_limits=[{"authority": "127.0.0.1:*", "concurrency": 2}],
+    )
+    async with stuck_beside_quick(config) as (slow, quick, port, w, stuck):
         await add(port, *(task(slow.authority) for _ in range(60)))
         await slow.wait_calls(2)
         await add(port, *(task(quick.authority) for _ in range(20)))
@@ -216,22 +228,13 @@ async def test_a_queue_of_large_tasks_leaves_bytes_for_the_others(
             "max_pending_per_queue": 50,
         },
     )
-    stuck = asyncio.Event()
-
-    async def hang(_: Received) -> None:
-        await stuck.wait()
 
     def large(authority: str) -> Task:
         one = task(authority)
         one.argument.value = b"x" * 100_000
         return one
 
-    async with (
-        target(hang) as slow,
-        target() as quick,
-        rpc_server(config) as port,
-        worker(config) as w,
-    ):
+    async with stuck_beside_quick(config) as (slow, quick, port, w, stuck):
         await add(port, *(large(slow.authority) for _ in range(20)))
         await slow.wait_calls(3)
         await add(port, *(task(quick.authority) for _ in range(30)))
